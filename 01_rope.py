@@ -1,0 +1,195 @@
+"""Stage 01 -- Wan2.1's 3D rotary position embedding, and a precomputed table of it.
+
+The idea
+    A video latent of F frames x H rows x W columns becomes F*H*W tokens, ordered (frame, row, column).
+    Wan2.1 rotates every query/key head vector (head_dim d = 128) by angles that depend on the token's
+    (frame, row, column): the d/2 = 64 consecutive channel pairs (2i, 2i+1) are complex numbers, split
+    into a time part of 64 - 2*(64//3) = 22 pairs and height / width parts of 64//3 = 21 pairs each.
+    Each part uses the ordinary 1-D RoPE frequencies theta^(-2i/part_dim), theta = 10000.
+
+    The causal (Self-Forcing) variant takes `start_frame`: a chunk whose first latent frame is global
+    frame s uses time positions s..s+F-1. This global time index is what later stages reproduce per rank.
+
+    Because tokens are ordered (frame, row, column), the rotation of any contiguous token range -- a
+    chunk, or one rank's shard of a chunk -- is a contiguous row range of one table built once for the
+    whole (frames, height, width) grid. `RopeTable` is that table (the paper's "RoPE precomputation").
+
+Shapes
+    q, k:             [batch, tokens, heads, head_dim]
+    RopeTable.cos/sin [frames * height * width, head_dim // 2]   (one row per global token)
+
+Two ways to rotate, which must agree:
+    causal_rope(x, grid, start_frame)       computes the angles on the fly for a chunk, as upstream does
+                                            (https://github.com/guandeh17/Self-Forcing causal_model.py)
+    apply_rope(x, *table.rows(first, end))  slices the precomputed table
+
+Run
+    python 01_rope.py                 checks norm preservation, relative positions, table == on-the-fly,
+                                      and chunk(start_frame=s) == frames s.. of the whole video
+    torchrun --nproc_per_node=2 01_rope.py   every rank runs the same checks, rank 0 prints
+"""
+import argparse
+import math
+import os
+
+import torch
+
+THETA = 10000.0
+MAX_TIME_POSITIONS = 1024  # upstream builds 1024 rows per axis; longer videos overflow it
+
+
+def check(name, got, want, tol):
+    """Max abs error of `got` against `want`; raises if it exceeds `tol` (self-checks must fail loudly)."""
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(f"{name}: max error {err:.3e} exceeds tolerance {tol:.1e}")
+    return err
+
+
+def axis_pairs(head_dim):
+    """Complex pairs given to (time, height, width), as Wan2.1 splits head_dim."""
+    if head_dim % 2 != 0 or head_dim < 6:
+        raise ValueError(f"head_dim must be even and >= 6 for the 3-axis RoPE split, got {head_dim}")
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def axis_angles(positions, num_pairs, theta=THETA):
+    """Angles [len(positions), num_pairs] of 1-D RoPE: position * theta^(-2i / (2*num_pairs)), float64."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, 2 * num_pairs, 2, dtype=torch.float64) / (2 * num_pairs))
+    return torch.outer(positions.to(torch.float64), inv_freq)
+
+
+def grid_angles(head_dim, frame_positions, height, width, theta=THETA):
+    """Angles [len(frame_positions) * height * width, head_dim // 2] for tokens in (frame, row, column) order."""
+    t_pairs, h_pairs, w_pairs = axis_pairs(head_dim)
+    frames = len(frame_positions)
+    t = axis_angles(frame_positions, t_pairs, theta)                    # [frames, t_pairs]
+    h = axis_angles(torch.arange(height), h_pairs, theta)               # [height, h_pairs]
+    w = axis_angles(torch.arange(width), w_pairs, theta)                # [width, w_pairs]
+    angles = torch.cat([
+        t[:, None, None, :].expand(frames, height, width, t_pairs),
+        h[None, :, None, :].expand(frames, height, width, h_pairs),
+        w[None, None, :, :].expand(frames, height, width, w_pairs),
+    ], dim=-1)                                                          # [frames, height, width, pairs]
+    return angles.reshape(frames * height * width, head_dim // 2)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [batch, tokens, heads, head_dim] by per-token cos/sin [tokens, head_dim // 2].
+
+    Channel pairs (2i, 2i+1) are one complex number (interleaved layout, as in Wan2.1). The rotation runs
+    in the wider of x's and the table's dtype and the result is cast back to x's dtype.
+    """
+    if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"apply_rope: x must be [batch, tokens, heads, head_dim] and cos/sin "
+                         f"[tokens, head_dim/2]; got x {tuple(x.shape)}, cos {tuple(cos.shape)}")
+    compute = torch.promote_types(x.dtype, cos.dtype)
+    real, imag = x.to(compute).unflatten(-1, (-1, 2)).unbind(-1)        # each [B, N, H, D/2]
+    cos, sin = cos[:, None, :].to(compute), sin[:, None, :].to(compute)  # [N, 1, D/2]
+    out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def causal_rope(x, grid, start_frame, theta=THETA, max_time_positions=MAX_TIME_POSITIONS):
+    """Rotate a whole chunk x [B, F*H*W, heads, head_dim] whose first frame is global frame `start_frame`.
+
+    Angles are built on the fly for this chunk and the rotation runs in float64, as upstream does. This
+    is the plain reference that the table and every sharded version must match.
+    """
+    frames, height, width = grid
+    if x.shape[1] != frames * height * width:
+        raise ValueError(f"causal_rope: x has {x.shape[1]} tokens but grid {tuple(grid)} has "
+                         f"{frames * height * width}")
+    check_time_range(start_frame, frames, max_time_positions)
+    angles = grid_angles(x.shape[-1], torch.arange(start_frame, start_frame + frames), height, width, theta)
+    angles = angles.to(x.device)
+    return apply_rope(x, angles.cos(), angles.sin())
+
+
+def check_time_range(start_frame, num_frames, table_frames):
+    if start_frame < 0 or num_frames < 1 or start_frame + num_frames > table_frames:
+        raise ValueError(f"frames {start_frame}..{start_frame + num_frames - 1} are outside the RoPE "
+                         f"table's time positions 0..{table_frames - 1}")
+
+
+class RopeTable:
+    """cos/sin of every token of a (frames, height, width) grid, built once; a chunk or a shard of a
+    chunk is a contiguous row range of it.
+
+    Memory: frames * height * width * head_dim * 4 bytes in float32 (21 frames at 480x832, d = 128: 17 MB).
+    """
+
+    def __init__(self, head_dim, frames, height, width, theta=THETA, dtype=torch.float32, device="cpu",
+                 max_time_positions=MAX_TIME_POSITIONS):
+        if frames > max_time_positions:
+            raise ValueError(f"RopeTable: {frames} frames exceed the {max_time_positions} time positions")
+        self.head_dim, self.frames, self.height, self.width = head_dim, frames, height, width
+        self.tokens_per_frame = height * width
+        angles = grid_angles(head_dim, torch.arange(frames), height, width, theta)  # float64
+        self.cos = angles.cos().to(device=device, dtype=dtype)
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+
+    @property
+    def num_tokens(self):
+        return self.cos.shape[0]
+
+    def rows(self, first_token, end_token):
+        """(cos, sin) of global tokens first_token..end_token-1."""
+        if not 0 <= first_token <= end_token <= self.num_tokens:
+            raise ValueError(f"tokens {first_token}..{end_token - 1} are outside the RoPE table of "
+                             f"{self.num_tokens} tokens ({self.frames} frames of {self.tokens_per_frame})")
+        return self.cos[first_token:end_token], self.sin[first_token:end_token]
+
+    def chunk_rows(self, start_frame, num_frames, shard=None):
+        """(cos, sin) of a chunk of `num_frames` frames starting at global `start_frame`, or of the token
+        sub-range shard = (first, end), counted inside the chunk, that one rank holds."""
+        check_time_range(start_frame, num_frames, self.frames)
+        chunk_first = start_frame * self.tokens_per_frame
+        first, end = shard if shard is not None else (0, num_frames * self.tokens_per_frame)
+        if not 0 <= first <= end <= num_frames * self.tokens_per_frame:
+            raise ValueError(f"shard {shard} is outside a chunk of {num_frames * self.tokens_per_frame} tokens")
+        return self.rows(chunk_first + first, chunk_first + end)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=6, help="latent frames (>= 3)")
+    parser.add_argument("--height", type=int, default=4)
+    parser.add_argument("--width", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    is_main = int(os.environ.get("RANK", "0")) == 0  # no process group needed: every rank checks the same
+
+    F, H, W, D = args.frames, args.height, args.width, args.head_dim
+    gen = torch.Generator().manual_seed(args.seed)
+    q = torch.randn(1, F * H * W, args.heads, D, dtype=torch.float64, generator=gen)
+    k = torch.randn(1, F * H * W, args.heads, D, dtype=torch.float64, generator=gen)
+    table = RopeTable(D, F, H, W, dtype=torch.float64)
+    tol = 1e-12
+
+    whole = causal_rope(q, (F, H, W), 0)
+    errs = {"norms preserved": check("norm", whole.norm(dim=-1), q.norm(dim=-1), tol)}
+    errs["table == on-the-fly"] = check("table", apply_rope(q, *table.chunk_rows(0, F)), whole, tol)
+    s, n = F // 3, max(1, F // 3)
+    chunk = q[:, s * H * W:(s + n) * H * W]
+    errs[f"chunk start_frame={s} == frames {s}.. of the video"] = check(
+        "chunk", causal_rope(chunk, (n, H, W), s), whole[:, s * H * W:(s + n) * H * W], tol)
+    # q.k after rotation depends only on the position difference: the same q and k vectors placed at
+    # tokens (0,0,0)/(1,1,1) and at (1,1,1)/(2,2,2) give the same dot product.
+    same_q = apply_rope(q[:, :1].expand_as(q), *table.chunk_rows(0, F))
+    same_k = apply_rope(k[:, :1].expand_as(k), *table.chunk_rows(0, F))
+    token = lambda f, h, w: (f * H + h) * W + w
+    dot = lambda i, j: (same_q[:, i] * same_k[:, j]).sum(-1)
+    errs["q.k depends on position difference only"] = check(
+        "relative", dot(token(1, 1, 1), token(2, 2, 2)), dot(token(0, 0, 0), token(1, 1, 1)), 1e-10)
+    if is_main:
+        print(f"01_rope: grid {F}x{H}x{W}, head_dim {D} = time/height/width pairs {axis_pairs(D)}")
+        for name, err in errs.items():
+            print(f"  {name:<45s} max error {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Stage 02 -- block-causal attention for chunk-by-chunk video generation, with a KV cache.
+
+The idea
+    Self-Forcing generates a video a chunk of F latent frames at a time. Inside one chunk every token
+    sees every other token of the chunk; across chunks attention is causal: a chunk sees all earlier
+    chunks. Written as one pass over the whole video this is a block-causal mask. Generated chunk by
+    chunk, the earlier chunks' keys/values come from a KV cache that the loop appends to, and the
+    chunk's queries attend to [cache, own chunk] with no mask at all.
+
+    Positions are global: a chunk starting at frame s is rotated with start_frame = s (stage 01), and the
+    cache stores keys already rotated at their absolute positions.
+
+    Long videos use a local window: a chunk sees only the last `window_frames` frames (its own included;
+    Self-Forcing's local_attn_size). The cache evicts older tokens, but the time index keeps growing.
+
+Shapes
+    q, k, v in the model:       [batch, tokens, heads, head_dim]
+    attention()/KVCache layout:  [batch, heads, tokens, head_dim]  (what scaled_dot_product_attention takes)
+    block_causal_mask:           [tokens, tokens] bool, True = may attend
+
+Run
+    python 02_causal_attention.py   the chunked run with the KV cache (with and without a window) equals
+                                    one full pass with the block-causal mask
+    torchrun --nproc_per_node=2 02_causal_attention.py   every rank checks, rank 0 prints
+"""
+import argparse
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+rope = importlib.import_module("01_rope")
+
+
+def attention(q, k, v, mask=None):
+    """Plain softmax attention, written from the formula (the reference). q [B,H,Nq,D], k/v [B,H,Nk,D],
+    mask [Nq, Nk] bool (True = attend)."""
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def fast_attention(q, k, v):
+    """Unmasked attention through PyTorch's fused kernels (flash / cuDNN / memory-efficient on GPU)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def check_window(window_frames, chunk_frames):
+    if window_frames is not None and window_frames < chunk_frames:
+        raise ValueError(f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}: "
+                         "a chunk must at least see itself")
+
+
+def block_causal_mask(num_frames, tokens_per_frame, chunk_frames, window_frames=None):
+    """[N, N] bool: query token i may attend key token j iff j's chunk is not after i's chunk, and (with a
+    window) j lies in the last window_frames frames ending with i's chunk."""
+    check_window(window_frames, chunk_frames)
+    token_frame = torch.arange(num_frames * tokens_per_frame) // tokens_per_frame
+    chunk_end_frame = (token_frame // chunk_frames + 1) * chunk_frames   # frame after the query's chunk
+    query_end, key_frame = chunk_end_frame[:, None], token_frame[None, :]
+    mask = key_frame < query_end
+    if window_frames is not None:
+        mask &= key_frame >= query_end - window_frames
+    return mask
+
+
+def held_by_window(ranges, kept_from):
+    """How many tokens of the global (first, end) ranges are at or after global token `kept_from`."""
+    return sum(max(0, end - max(first, kept_from)) for first, end in ranges)
+
+
+class KVCache:
+    """Keys/values of the chunks written so far, for one attention layer on one rank.
+
+    Stored [batch, heads, capacity, head_dim] so that `keys[:, :, :length]` is a ready attention operand.
+    Bookkeeping is in Python ints (no device syncs). Every rank records the same global token ranges of
+    the committed chunks (`chunks`), so the length any rank holds can be computed anywhere (stage 03's ring
+    needs its peers' lengths); `held` says which part of each chunk this rank stores (all of it here, a
+    sequence shard under ring attention in stage 03).
+
+    One pass over a chunk: `reserve` evicts what the window no longer shows and hands out the slots after
+    the cached tokens; the caller writes the chunk's k/v there and attends over the returned views. Only
+    `commit` makes the chunk part of the cache; an uncommitted pass (a denoising step) leaves it as it was.
+    """
+
+    def __init__(self, capacity_tokens, window_tokens=None):
+        self.capacity, self.window_tokens = capacity_tokens, window_tokens
+        self.k = self.v = None          # allocated at the first reserve, with the caller's shape/dtype/device
+        self.length = 0                 # tokens this rank holds
+        self.kept_from = 0              # global index of the oldest token still visible
+        self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges
+        self.pending = None
+
+    def held_length(self, shard_of=lambda chunk: chunk):
+        """Tokens held by the rank whose part of a chunk is shard_of(chunk)."""
+        return held_by_window([shard_of(c) for c in self.chunks], self.kept_from)
+
+    def evict_until(self, cutoff):
+        if cutoff <= self.kept_from:
+            return
+        drop = self.length - held_by_window(self.held, cutoff)
+        if drop:  # shift the survivors to the front (overlapping copy: clone first)
+            keep = self.length - drop
+            self.k[:, :, :keep] = self.k[:, :, drop:self.length].clone()
+            self.v[:, :, :keep] = self.v[:, :, drop:self.length].clone()
+            self.length = keep
+        self.kept_from = cutoff
+
+    def reserve(self, like, chunk, held=None):
+        """Slots for this rank's `held` tokens (global range, default the whole `chunk`) of `chunk`.
+        like: a [B, H, n, D] tensor giving shape/dtype/device. Returns (k_slot, v_slot, keys, values):
+        write the chunk's k/v into the slots; keys/values [B, H, length + n, D] view cache + chunk."""
+        held = held or chunk
+        n = held[1] - held[0]
+        if like.shape[2] != n:
+            raise ValueError(f"KVCache: {like.shape[2]} tokens given for a held range of {n}")
+        if self.window_tokens is not None:
+            if chunk[1] - chunk[0] > self.window_tokens:
+                raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
+                                 f"of {self.window_tokens}")
+            self.evict_until(chunk[1] - self.window_tokens)
+        if self.k is None:
+            B, H, _, D = like.shape
+            self.k = like.new_empty(B, H, self.capacity, D)
+            self.v = like.new_empty(B, H, self.capacity, D)
+        elif like.shape[:2] != self.k.shape[:2] or like.shape[3] != self.k.shape[3]:
+            raise ValueError(f"KVCache holds {tuple(self.k.shape)}, got a chunk of {tuple(like.shape)}")
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} tokens exceed the capacity of {self.capacity}")
+        self.pending = (chunk, held)
+        return (self.k[:, :, self.length:end], self.v[:, :, self.length:end],
+                self.k[:, :, :end], self.v[:, :, :end])
+
+    def extend(self, k, v, chunk, held=None):
+        """reserve + write: returns keys, values [B, H, length + n, D]."""
+        k_slot, v_slot, keys, values = self.reserve(k, chunk, held)
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        return keys, values
+
+    def commit(self):
+        chunk, held = self.pending
+        self.chunks.append(chunk)
+        self.held.append(held)
+        self.length += held[1] - held[0]
+        self.pending = None
+
+
+def chunk_attention(q, k, v, cache, chunk, commit=True, attend=fast_attention):
+    """One chunk's attention: q, k, v [B, H, n, D] (rotated) for global token range `chunk`; attends to
+    the cache and the chunk itself, then (if commit) keeps the chunk's k/v for later chunks."""
+    keys, values = cache.extend(k, v, chunk)
+    out = attend(q, keys, values)
+    if commit:
+        cache.commit()
+    return out
+
+
+def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, attend=fast_attention):
+    """The chunk loop: q, k, v [B, N, H, D] raw (not rotated) for a whole video of grid (frames, h, w);
+    each chunk is rotated with its global start_frame, attends through the KV cache. Returns [B, N, H, D]."""
+    frames, height, width = grid
+    if frames % chunk_frames:
+        raise ValueError(f"{frames} frames are not a whole number of chunks of {chunk_frames}")
+    check_window(window_frames, chunk_frames)
+    tpf = height * width
+    window_tokens = None if window_frames is None else window_frames * tpf
+    cache = KVCache(frames * tpf if window_tokens is None else window_tokens, window_tokens)
+    outs = []
+    for start_frame in range(0, frames, chunk_frames):
+        chunk = (start_frame * tpf, (start_frame + chunk_frames) * tpf)
+        sl = slice(*chunk)
+        cq = rope.causal_rope(q[:, sl], (chunk_frames, height, width), start_frame).transpose(1, 2)
+        ck = rope.causal_rope(k[:, sl], (chunk_frames, height, width), start_frame).transpose(1, 2)
+        outs.append(chunk_attention(cq, ck, v[:, sl].transpose(1, 2), cache, chunk, attend=attend))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None):
+    """The same video in one pass: rotate all frames from 0, then attend with the block-causal mask."""
+    frames, height, width = grid
+    rq = rope.causal_rope(q, grid, 0).transpose(1, 2)
+    rk = rope.causal_rope(k, grid, 0).transpose(1, 2)
+    mask = block_causal_mask(frames, height * width, chunk_frames, window_frames).to(q.device)
+    return attention(rq, rk, v.transpose(1, 2), mask).transpose(1, 2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--height", type=int, default=3)
+    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--chunk-frames", type=int, default=3)
+    parser.add_argument("--window-frames", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    grid = (args.frames, args.height, args.width)
+    n = args.frames * args.height * args.width
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v = (torch.randn(1, n, args.heads, args.head_dim, dtype=torch.float64, generator=gen) for _ in "qkv")
+    lines = []
+    for window in (None, args.window_frames):
+        want = full_pass_attention(q, k, v, grid, args.chunk_frames, window)
+        got = chunked_video_attention(q, k, v, grid, args.chunk_frames, window)
+        err = rope.check("chunked vs masked", got, want, 1e-12)
+        lines.append(f"  window {str(window):>4s} frames: chunked (KV cache) vs one masked pass  max error {err:.1e}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"02_causal_attention: {args.frames} frames of {args.height}x{args.width} tokens, "
+              f"chunks of {args.chunk_frames} frames, float64")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

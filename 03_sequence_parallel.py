@@ -1,0 +1,352 @@
+"""Stage 03 -- sequence parallelism: Ulysses, ring, and a 2-D mesh of both, with the KV cache.
+
+The idea
+    A chunk of N tokens is split into contiguous shards, one per rank (N need not divide: the first
+    N % world_size ranks hold one token more). Attention needs every key for every query, so the ranks
+    exchange data:
+    * Ulysses (DeepSpeed-Ulysses): one all-to-all turns "my tokens, all heads" into "all tokens of my
+      group, heads/U of them"; attention is then local; a second all-to-all turns the result back.
+      The KV cache is sharded by head, so per-step traffic does not grow with the video.
+    * Ring: K/V blocks travel around the ring while each rank attends its queries to the block in hand;
+      partial results are merged with their log-sum-exp. The cache is sharded by sequence.
+    * 2-D mesh: world = ulysses_degree x ring_degree. Wan-1.3B has 12 heads, so Ulysses alone cannot use
+      8 ranks; Ulysses 4 x ring 2 can. Rank r = ring_rank * U + ulysses_rank: a Ulysses group is U
+      consecutive ranks whose shards together form one contiguous "ring shard" of the chunk.
+
+    Within one chunk every query sees every visible key (the block-causal mask of stage 02 is all-ones
+    inside a chunk and over the cache), so the sharded attention needs no mask, and uneven shards are
+    exchanged with uneven all-to-all splits instead of padding: nothing to mask, no padding tokens.
+
+    Bad configurations (heads not divisible by U, U x R != world, ranks disagreeing on shapes) raise the
+    same ValueError on every rank before any data collective, so nothing hangs.
+
+Shapes
+    q, k, v per rank (in/out):     [batch, n_local, heads, head_dim]
+    after seq_to_heads:            [batch, heads / U, n_ring_shard, head_dim]
+    KV cache per rank:             [batch, heads / U, cached tokens of its ring shard, head_dim]
+
+Run
+    python 03_sequence_parallel.py                          (one process: the degenerate mesh 1 x 1)
+    torchrun --nproc_per_node=4 03_sequence_parallel.py     every Ulysses x ring factorization the heads
+                                                            allow, with and without a KV cache, uneven N;
+                                                            prints the max error against one process
+"""
+import argparse
+import datetime
+import importlib
+import os
+
+import torch
+import torch.distributed as dist
+
+rope = importlib.import_module("01_rope")
+causal = importlib.import_module("02_causal_attention")
+
+
+# ----------------------------------------------------------------------------- process groups
+
+def init_distributed(timeout_s=600):
+    """Join the torchrun job if there is one (nccl on GPU, gloo on CPU). Returns this rank's device."""
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+def world():
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def is_main_process():
+    return world()[1] == 0
+
+
+def shard_bounds(length, parts):
+    """Contiguous [first, end) ranges splitting `length` tokens over `parts` ranks, sizes differing by at
+    most one (earlier ranks take the extra tokens)."""
+    base, extra = divmod(length, parts)
+    bounds, first = [], 0
+    for i in range(parts):
+        end = first + base + (i < extra)
+        bounds.append((first, end))
+        first = end
+    return bounds
+
+
+def agree(device, what, **fields):
+    """Raise the same ValueError on every rank unless all ranks passed equal integer `fields`.
+    One small all_gather of identical shape on every rank, so it cannot hang on a disagreement."""
+    world_size, _ = world()
+    if world_size == 1:
+        return
+    mine = torch.tensor([int(v) for v in fields.values()], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    every = [row.tolist() for row in every]
+    for i, name in enumerate(fields):
+        values = [row[i] for row in every]
+        if len(set(values)) > 1:
+            raise ValueError(f"{what}: ranks disagree on {name}: {values} (by rank)")
+
+
+class SPMesh:
+    """A world of U x R ranks: Ulysses groups of U consecutive ranks, ring groups of ranks U apart.
+
+    Build one with `SPMesh.get(ulysses_degree, ring_degree)`: groups are created once per shape and
+    reused (creating a process group is itself a collective)."""
+    _made = {}
+
+    @classmethod
+    def get(cls, ulysses_degree=None, ring_degree=1, device=None):
+        world_size, _ = world()
+        if ulysses_degree is None:
+            ulysses_degree = world_size // ring_degree if ring_degree and world_size % ring_degree == 0 else 0
+        key = (ulysses_degree, ring_degree)
+        if key not in cls._made:
+            cls._made[key] = cls(ulysses_degree, ring_degree, device)
+        return cls._made[key]
+
+    def __init__(self, ulysses_degree, ring_degree, device=None):
+        world_size, rank = world()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and world_size > 1 else "cpu"))
+        if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
+            raise ValueError(f"mesh ulysses {ulysses_degree} x ring {ring_degree} does not multiply to "
+                             f"the world size {world_size}")
+        agree(self.device, "SPMesh", ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+        self.world_size, self.rank = world_size, rank
+        self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
+        self.ring_rank, self.ulysses_rank = divmod(rank, ulysses_degree)
+        self.ulysses_ranks = [self.ring_rank * ulysses_degree + i for i in range(ulysses_degree)]
+        self.ring_ranks = [j * ulysses_degree + self.ulysses_rank for j in range(ring_degree)]
+        self.ulysses_group = self._groups([[j * ulysses_degree + i for i in range(ulysses_degree)]
+                                           for j in range(ring_degree)], self.ring_rank)
+        self.ring_group = self._groups([[j * ulysses_degree + i for j in range(ring_degree)]
+                                        for i in range(ulysses_degree)], self.ulysses_rank)
+
+    def _groups(self, all_ranks, mine):
+        """Every rank creates every group (new_group is collective); returns this rank's group."""
+        if len(all_ranks[0]) in (1, self.world_size):
+            return None if len(all_ranks[0]) == 1 else dist.group.WORLD
+        return [dist.new_group(ranks) for ranks in all_ranks][mine]
+
+    def check_heads(self, heads):
+        if heads % self.ulysses_degree:
+            raise ValueError(f"{heads} heads do not split over a Ulysses degree of {self.ulysses_degree}")
+
+    def token_shard(self, length, rank=None):
+        """This rank's (or `rank`'s) [first, end) of a chunk of `length` tokens."""
+        return shard_bounds(length, self.world_size)[self.rank if rank is None else rank]
+
+    def ring_shard(self, length, ring_rank=None):
+        """The tokens a Ulysses group holds together (contiguous): what its ranks attend as queries."""
+        j = self.ring_rank if ring_rank is None else ring_rank
+        bounds = shard_bounds(length, self.world_size)
+        return bounds[j * self.ulysses_degree][0], bounds[(j + 1) * self.ulysses_degree - 1][1]
+
+    def ulysses_sizes(self, length):
+        return [b - a for a, b in (self.token_shard(length, r) for r in self.ulysses_ranks)]
+
+
+# ----------------------------------------------------------------------------- Ulysses all-to-all
+
+def seq_to_heads(x, mesh, length):
+    """[B, n_local, H, D] (my tokens, all heads) -> [B, H/U, n_ring_shard, D] (my group's tokens, my heads)."""
+    U = mesh.ulysses_degree
+    if U == 1:
+        return x.transpose(1, 2)
+    B, n, H, D = x.shape
+    send = x.reshape(B, n, U, H // U, D).permute(2, 1, 0, 3, 4).reshape(U * n, B, H // U, D)  # [U*n, B, Hu, D]
+    sizes = mesh.ulysses_sizes(length)
+    recv = x.new_empty(sum(sizes), B, H // U, D)
+    dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n] * U,
+                           group=mesh.ulysses_group)
+    return recv.permute(1, 2, 0, 3)                                      # [B, Hu, n_ring, D]
+
+
+def heads_to_seq(x, mesh, length):
+    """[B, H/U, n_ring_shard, D] -> [B, n_local, H, D]: the inverse of seq_to_heads."""
+    U = mesh.ulysses_degree
+    if U == 1:
+        return x.transpose(1, 2)
+    B, Hu, _, D = x.shape
+    first, end = mesh.token_shard(length)
+    n = end - first
+    send = x.permute(2, 0, 1, 3).contiguous()                            # [n_ring, B, Hu, D]
+    recv = x.new_empty(U * n, B, Hu, D)
+    dist.all_to_all_single(recv, send, output_split_sizes=[n] * U, input_split_sizes=mesh.ulysses_sizes(length),
+                           group=mesh.ulysses_group)
+    return recv.view(U, n, B, Hu, D).permute(2, 1, 0, 3, 4).reshape(B, n, U * Hu, D)
+
+
+# ----------------------------------------------------------------------------- ring attention
+
+def attention_with_lse(q, k, v):
+    """Unmasked attention and its log-sum-exp [B, H, Nq] (float32 or wider), for merging partial results."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        return out, lse
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) / q.shape[-1] ** 0.5
+    lse = scores.logsumexp(dim=-1)
+    return ((scores - lse[..., None]).exp() @ v.to(compute)).to(q.dtype), lse
+
+
+def merge_partial(out, lse, block_out, block_lse):
+    """Combine two softmax-attention results over disjoint key sets, weighted by their log-sum-exps."""
+    if out is None:
+        return block_out.to(torch.promote_types(block_out.dtype, block_lse.dtype)), block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    out = out * (lse - new_lse).exp()[..., None] + block_out * (block_lse - new_lse).exp()[..., None]
+    return out, new_lse
+
+
+def ring_attention(q, keys, values, mesh, kv_lengths):
+    """q [B, Hu, nq, D] and this rank's keys/values [B, Hu, nk, D]; kv_lengths[j] = keys held by ring rank j.
+    K/V travel once around the ring (send to the next rank while attending to the block in hand)."""
+    R, j = mesh.ring_degree, mesh.ring_rank
+    block = torch.stack([keys, values])                                  # one buffer: one send per step
+    nxt = mesh.ring_ranks[(j + 1) % R]
+    prv = mesh.ring_ranks[(j - 1) % R]
+    out = lse = None
+    for step in range(R):
+        owner = (j - step) % R                                           # whose K/V `block` is
+        incoming, reqs = None, []
+        if step < R - 1:
+            in_len = kv_lengths[(owner - 1) % R]
+            incoming = block.new_empty(2, *keys.shape[:2], in_len, keys.shape[3])
+            ops = []
+            if block.shape[3]:
+                ops.append(dist.P2POp(dist.isend, block, nxt))
+            if in_len:
+                ops.append(dist.P2POp(dist.irecv, incoming, prv))
+            reqs = dist.batch_isend_irecv(ops) if ops else []
+        if block.shape[3]:
+            out, lse = merge_partial(out, lse, *attention_with_lse(q, block[0], block[1]))
+        for req in reqs:
+            req.wait()
+        block = incoming
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the SP attention layer
+
+def check_shapes(mesh, q, k, v, chunk):
+    """Local checks, then one agreement round: ranks must agree on everything but their shard length."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one [batch, tokens, heads, head_dim] shape; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    mesh.check_heads(q.shape[2])
+    first, end = mesh.token_shard(chunk[1] - chunk[0])
+    if q.shape[1] != end - first:
+        raise ValueError(f"rank {mesh.rank} holds {q.shape[1]} tokens but its shard of a {chunk[1] - chunk[0]}-token "
+                         f"chunk is {end - first}")
+    agree(mesh.device, "sequence-parallel attention", batch=q.shape[0], heads=q.shape[2],
+          head_dim=q.shape[3], chunk_first=chunk[0], chunk_end=chunk[1])
+
+
+def sp_attention(q, k, v, mesh, chunk, cache=None, commit=False, check=True):
+    """Sequence-parallel attention of one chunk: q, k, v [B, n_local, H, D] (rotated) are this rank's shard
+    of the chunk's global token range `chunk`. The chunk attends to itself and to the cache; with commit,
+    its K/V stay in the cache. Three all-to-alls in, one out (stage 05 fuses them). Returns [B, n_local, H, D]."""
+    if check:
+        check_shapes(mesh, q, k, v, chunk)
+    length = chunk[1] - chunk[0]
+    qh, kh, vh = (seq_to_heads(t, mesh, length) for t in (q, k, v))    # [B, Hu, n_ring, D]
+    return attend_heads(qh, kh, vh, mesh, chunk, cache, commit)
+
+
+def attend_heads(qh, kh, vh, mesh, chunk, cache=None, commit=False, k_written=False):
+    """The middle of sp_attention, after the Ulysses exchange: attention over [cache, chunk] (ring-parallel
+    over the mesh's ring groups), then back to this rank's token shard. k_written: kh/vh are already the
+    cache's reserved slots (stage 05 unpacks straight into them)."""
+    length = chunk[1] - chunk[0]
+    ring_shard = lambda c, j=None: tuple(c[0] + t for t in mesh.ring_shard(c[1] - c[0], j))
+    if cache is None:
+        keys, values = kh, vh
+        lengths = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+    else:
+        keys, values = ((cache.k[:, :, :cache.length + kh.shape[2]], cache.v[:, :, :cache.length + kh.shape[2]])
+                        if k_written else cache.extend(kh, vh, chunk, ring_shard(chunk)))
+        lengths = [cache.held_length(lambda c, j=j: ring_shard(c, j)) + b - a
+                   for j, (a, b) in enumerate(mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+    if mesh.ring_degree == 1:
+        out = causal.fast_attention(qh, keys, values)
+    else:
+        out = ring_attention(qh, keys, values, mesh, lengths)
+    if cache is not None and commit:
+        cache.commit()
+    return heads_to_seq(out, mesh, length)
+
+
+def gather_tokens(x_local, mesh, length, dim=1):
+    """All ranks' shards of a `length`-token tensor, concatenated along `dim` in token order (every rank
+    gets the whole). Uneven shards are padded for the all_gather and trimmed after."""
+    if mesh.world_size == 1:
+        return x_local
+    bounds = shard_bounds(length, mesh.world_size)
+    longest = bounds[0][1] - bounds[0][0]
+    x = x_local.movedim(dim, 0)
+    padded = x.new_zeros(longest, *x.shape[1:])
+    padded[:x.shape[0]] = x
+    every = [torch.empty_like(padded) for _ in range(mesh.world_size)]
+    dist.all_gather(every, padded)
+    return torch.cat([every[r][:b - a] for r, (a, b) in enumerate(bounds)]).movedim(0, dim)
+
+
+def factorizations(world_size, heads):
+    """Every (ulysses_degree, ring_degree) with U * R = world_size and U dividing the heads."""
+    return [(u, world_size // u) for u in range(1, world_size + 1)
+            if world_size % u == 0 and heads % u == 0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=61, help="tokens per chunk (need not divide the world size)")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--chunks", type=int, default=3, help="chunks run through the KV cache")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = init_distributed()
+    world_size, rank = world()
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    N, C = args.tokens, args.chunks
+    gen = torch.Generator().manual_seed(args.seed)                       # same inputs on every rank
+    q, k, v = (torch.randn(1, C * N, args.heads, args.head_dim, dtype=torch.float64, generator=gen)
+               .to(device, dtype) for _ in "qkv")
+    # single-process reference: chunk c attends to chunks 0..c (block-causal, stage 02's mask)
+    mask = causal.block_causal_mask(C, N, 1).to(device)
+    want = causal.attention(*(t.double().transpose(1, 2) for t in (q, k, v)), mask).transpose(1, 2)
+    lines = []
+    for U, R in factorizations(world_size, args.heads):
+        mesh = SPMesh.get(U, R, device)
+        first, end = mesh.token_shard(N)
+        cache = causal.KVCache(capacity_tokens=C * N)
+        outs = []
+        for c in range(C):
+            sl = slice(c * N + first, c * N + end)
+            outs.append(sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, (c * N, c * N + N), cache, commit=True))
+        got = torch.cat([gather_tokens(o, mesh, N) for o in outs], dim=1)
+        err = rope.check(f"ulysses {U} x ring {R}", got, want, tol)
+        lines.append(f"  ulysses {U} x ring {R}: {C} chunks of {N} tokens through the KV cache, "
+                     f"max error vs one process {err:.1e}")
+    if rank == 0:
+        print(f"03_sequence_parallel: {world_size} rank(s), {device.type}, {dtype}, "
+              f"{args.heads} heads, shards {[b - a for a, b in shard_bounds(N, world_size)]}")
+        print("\n".join(lines))
+    finish_distributed()
+
+
+def finish_distributed():
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears down while a peer still talks to it
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
