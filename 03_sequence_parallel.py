@@ -77,17 +77,25 @@ def shard_bounds(length, parts):
     return bounds
 
 
-def agree(device, what, **fields):
-    """Raise the same ValueError on every rank unless all ranks passed equal integer `fields`.
-    One small all_gather of identical shape on every rank, so it cannot hang on a disagreement."""
+def agree(device, what, problem=None, **fields):
+    """Raise the same ValueError on every rank if any rank found a `problem` with its own input (a message,
+    or None) or if ranks passed different integer `fields`. One small all_gather of identical shape on
+    every rank (plus one more to share the messages if something is wrong), so it cannot hang."""
     world_size, _ = world()
     if world_size == 1:
+        if problem:
+            raise ValueError(f"{what}: {problem}")
         return
-    mine = torch.tensor([int(v) for v in fields.values()], dtype=torch.int64, device=device)
+    mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine)
     every = [row.tolist() for row in every]
-    for i, name in enumerate(fields):
+    failed = [r for r, row in enumerate(every) if row[0]]
+    if failed:
+        messages = [None] * world_size
+        dist.all_gather_object(messages, problem)
+        raise ValueError(f"{what}: rank {failed[0]}: {messages[failed[0]]} (ranks rejecting their input: {failed})")
+    for i, name in enumerate(fields, start=1):
         values = [row[i] for row in every]
         if len(set(values)) > 1:
             raise ValueError(f"{what}: ranks disagree on {name}: {values} (by rank)")
@@ -113,10 +121,10 @@ class SPMesh:
     def __init__(self, ulysses_degree, ring_degree, device=None):
         world_size, rank = world()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and world_size > 1 else "cpu"))
+        problem = None
         if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
-            raise ValueError(f"mesh ulysses {ulysses_degree} x ring {ring_degree} does not multiply to "
-                             f"the world size {world_size}")
-        agree(self.device, "SPMesh", ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+            problem = f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size {world_size}"
+        agree(self.device, "SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
         self.world_size, self.rank = world_size, rank
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.ring_rank, self.ulysses_rank = divmod(rank, ulysses_degree)
@@ -133,9 +141,10 @@ class SPMesh:
             return None if len(all_ranks[0]) == 1 else dist.group.WORLD
         return [dist.new_group(ranks) for ranks in all_ranks][mine]
 
-    def check_heads(self, heads):
+    def heads_problem(self, heads):
         if heads % self.ulysses_degree:
-            raise ValueError(f"{heads} heads do not split over a Ulysses degree of {self.ulysses_degree}")
+            return f"{heads} heads do not split over a Ulysses degree of {self.ulysses_degree}"
+        return None
 
     def token_shard(self, length, rank=None):
         """This rank's (or `rank`'s) [first, end) of a chunk of `length` tokens."""
@@ -235,17 +244,21 @@ def ring_attention(q, keys, values, mesh, kv_lengths):
 # ----------------------------------------------------------------------------- the SP attention layer
 
 def check_shapes(mesh, q, k, v, chunk):
-    """Local checks, then one agreement round: ranks must agree on everything but their shard length."""
+    """Each rank checks its own input, then one agreement round: every rank raises if any rank's input is
+    wrong, or if ranks disagree on anything but their shard length."""
+    length = chunk[1] - chunk[0]
+    first, end = mesh.token_shard(length)
+    problem = None
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [batch, tokens, heads, head_dim] shape; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    mesh.check_heads(q.shape[2])
-    first, end = mesh.token_shard(chunk[1] - chunk[0])
-    if q.shape[1] != end - first:
-        raise ValueError(f"rank {mesh.rank} holds {q.shape[1]} tokens but its shard of a {chunk[1] - chunk[0]}-token "
-                         f"chunk is {end - first}")
-    agree(mesh.device, "sequence-parallel attention", batch=q.shape[0], heads=q.shape[2],
-          head_dim=q.shape[3], chunk_first=chunk[0], chunk_end=chunk[1])
+        problem = (f"q, k, v must share one [batch, tokens, heads, head_dim] shape; got "
+                   f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    elif q.shape[1] != end - first:
+        problem = f"holds {q.shape[1]} tokens but its shard of a {length}-token chunk is {end - first}"
+    else:
+        problem = mesh.heads_problem(q.shape[2])
+    batch, _, heads, head_dim = q.shape if q.dim() == 4 else (-1, -1, -1, -1)
+    agree(mesh.device, "sequence-parallel attention", problem, batch=batch, heads=heads, head_dim=head_dim,
+          chunk_first=chunk[0], chunk_end=chunk[1])
 
 
 def sp_attention(q, k, v, mesh, chunk, cache=None, commit=False, check=True):

@@ -1,0 +1,74 @@
+"""Stage 02 properties: the chunk loop with a KV cache equals one pass with the block-causal mask."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+causal = importlib.import_module("02_causal_attention")
+
+EXACT = 1e-12  # float64: the chunked and masked passes differ only by summation order
+
+
+def qkv(tokens, heads, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, tokens, heads, head_dim, dtype=torch.float64, generator=gen) for _ in range(3)]
+
+
+@given(chunk_frames=st.integers(1, 3), chunks=st.integers(1, 4), height=st.integers(1, 3), width=st.integers(1, 3),
+       heads=st.integers(1, 3), head_dim=st.sampled_from([6, 8, 12, 16]), window=st.one_of(st.none(), st.integers(0, 6)),
+       seed=st.integers(0, 2**31))
+def test_chunked_with_cache_equals_masked_full_pass(chunk_frames, chunks, height, width, heads, head_dim, window, seed):
+    frames = chunk_frames * chunks
+    window_frames = None if window is None else chunk_frames + window
+    q, k, v = qkv(frames * height * width, heads, head_dim, seed)
+    grid = (frames, height, width)
+    want = causal.full_pass_attention(q, k, v, grid, chunk_frames, window_frames)
+    for attend in (causal.attention, causal.fast_attention):
+        got = causal.chunked_video_attention(q, k, v, grid, chunk_frames, window_frames, attend=attend)
+        torch.testing.assert_close(got, want, rtol=0, atol=EXACT)
+
+
+@given(frames=st.integers(1, 8), tokens_per_frame=st.integers(1, 3), chunk_frames=st.integers(1, 3),
+       window=st.one_of(st.none(), st.integers(0, 5)))
+def test_mask_matches_its_definition(frames, tokens_per_frame, chunk_frames, window):
+    window_frames = None if window is None else chunk_frames + window
+    mask = causal.block_causal_mask(frames, tokens_per_frame, chunk_frames, window_frames)
+    for i in range(frames * tokens_per_frame):
+        for j in range(frames * tokens_per_frame):
+            fi, fj = i // tokens_per_frame, j // tokens_per_frame
+            chunk_end = (fi // chunk_frames + 1) * chunk_frames
+            visible = fj < chunk_end and (window_frames is None or fj >= chunk_end - window_frames)
+            assert bool(mask[i, j]) == visible
+
+
+def test_cache_keeps_exactly_the_window_and_uncommitted_passes_leave_it_alone():
+    chunk_tokens = 6
+    cache = causal.KVCache(capacity_tokens=10, window_tokens=10)
+    for c in range(4):
+        chunk = (c * chunk_tokens, (c + 1) * chunk_tokens)
+        k = torch.arange(chunk[0], chunk[1], dtype=torch.float64).view(1, 1, -1, 1)
+        keys, _ = cache.extend(k + 0.5, k + 0.5, chunk)          # a denoising pass: not kept
+        assert keys.shape[2] == min(10, chunk[1])                # sees the last 10 tokens at most
+        keys, _ = cache.extend(k, k, chunk)                      # the clean pass: kept
+        cache.commit()
+        held = cache.k[0, 0, :cache.length, 0].tolist()
+        assert held == list(range(max(0, chunk[1] - 10), chunk[1]))  # the last 10 committed tokens
+    assert cache.kept_from == 4 * chunk_tokens - 10 and cache.held_length() == cache.length
+
+
+def test_bad_inputs_are_rejected():
+    q, k, v = qkv(12, 1, 8, 0)
+    with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
+        causal.chunked_video_attention(q, k, v, (3, 2, 2), 3, window_frames=2)
+    with pytest.raises(ValueError, match="not a whole number of chunks"):
+        causal.chunked_video_attention(q, k, v, (3, 2, 2), 2)
+    cache = causal.KVCache(capacity_tokens=5)
+    with pytest.raises(ValueError, match="exceed the capacity"):
+        cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 12))
+    with pytest.raises(ValueError, match="tokens given for a held range"):
+        cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 11))
+    cache = causal.KVCache(capacity_tokens=50)
+    cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 12))
+    with pytest.raises(ValueError, match="KVCache holds"):
+        cache.extend(torch.zeros(1, 2, 12, 8, dtype=torch.float64), torch.zeros(1, 2, 12, 8), (0, 12))
