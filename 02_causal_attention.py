@@ -15,7 +15,10 @@ The idea
 
 Shapes
     q, k, v in the model:       [batch, tokens, heads, head_dim]
-    attention()/KVCache layout:  [batch, heads, tokens, head_dim]  (what scaled_dot_product_attention takes)
+    attention() operands:        [batch, heads, tokens, head_dim]  (what scaled_dot_product_attention takes)
+    KVCache.kv:                  [capacity, 2, batch, heads, head_dim]  token-major: a chunk (or any token
+                                 range) is one contiguous block, and heads_major() views it as attention
+                                 operands without a copy (flash attention's native memory layout)
     block_causal_mask:           [tokens, tokens] bool, True = may attend
 
 Run
@@ -71,23 +74,28 @@ def held_by_window(ranges, kept_from):
     return sum(max(0, end - max(first, kept_from)) for first, end in ranges)
 
 
+def heads_major(x):
+    """[tokens, B, H, D] -> [B, H, tokens, D], a view (attention operands from token-major storage)."""
+    return x.permute(1, 2, 0, 3)
+
+
 class KVCache:
     """Keys/values of the chunks written so far, for one attention layer on one rank.
 
-    Stored [batch, heads, capacity, head_dim] so that `keys[:, :, :length]` is a ready attention operand.
-    Bookkeeping is in Python ints (no device syncs). Every rank records the same global token ranges of
-    the committed chunks (`chunks`), so the length any rank holds can be computed anywhere (stage 03's ring
-    needs its peers' lengths); `held` says which part of each chunk this rank stores (all of it here, a
-    sequence shard under ring attention in stage 03).
+    Stored token-major, kv [capacity, 2, batch, heads, head_dim]; `kv[:length]` is the cached keys (kv[:, 0])
+    and values (kv[:, 1]). Bookkeeping is in Python ints (no device syncs). Every rank records the same
+    global token ranges of the committed chunks (`chunks`), so the length any rank holds can be computed
+    anywhere (stage 03's ring needs its peers' lengths); `held` says which part of each chunk this rank
+    stores (all of it here, a sequence shard under ring attention in stage 03).
 
     One pass over a chunk: `reserve` evicts what the window no longer shows and hands out the slots after
-    the cached tokens; the caller writes the chunk's k/v there and attends over the returned views. Only
+    the cached tokens; the caller writes the chunk's k/v there and attends over the returned view. Only
     `commit` makes the chunk part of the cache; an uncommitted pass (a denoising step) leaves it as it was.
     """
 
     def __init__(self, capacity_tokens, window_tokens=None):
         self.capacity, self.window_tokens = capacity_tokens, window_tokens
-        self.k = self.v = None          # allocated at the first reserve, with the caller's shape/dtype/device
+        self.kv = None                  # allocated at the first reserve, with the caller's shape/dtype/device
         self.length = 0                 # tokens this rank holds
         self.kept_from = 0              # global index of the oldest token still visible
         self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges
@@ -103,43 +111,39 @@ class KVCache:
         drop = self.length - held_by_window(self.held, cutoff)
         if drop:  # shift the survivors to the front (overlapping copy: clone first)
             keep = self.length - drop
-            self.k[:, :, :keep] = self.k[:, :, drop:self.length].clone()
-            self.v[:, :, :keep] = self.v[:, :, drop:self.length].clone()
+            self.kv[:keep] = self.kv[drop:self.length].clone()
             self.length = keep
         self.kept_from = cutoff
 
     def reserve(self, like, chunk, held=None):
         """Slots for this rank's `held` tokens (global range, default the whole `chunk`) of `chunk`.
-        like: a [B, H, n, D] tensor giving shape/dtype/device. Returns (k_slot, v_slot, keys, values):
-        write the chunk's k/v into the slots; keys/values [B, H, length + n, D] view cache + chunk."""
+        like: a token-major [n, B, H, D] tensor giving shape/dtype/device. Returns (slot, kv): write the
+        chunk's keys/values into slot [n, 2, B, H, D]; kv [length + n, 2, B, H, D] is cache + chunk."""
         held = held or chunk
         n = held[1] - held[0]
-        if like.shape[2] != n:
-            raise ValueError(f"KVCache: {like.shape[2]} tokens given for a held range of {n}")
+        if like.shape[0] != n:
+            raise ValueError(f"KVCache: {like.shape[0]} tokens given for a held range of {n}")
         if self.window_tokens is not None:
             if chunk[1] - chunk[0] > self.window_tokens:
                 raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
                                  f"of {self.window_tokens}")
             self.evict_until(chunk[1] - self.window_tokens)
-        if self.k is None:
-            B, H, _, D = like.shape
-            self.k = like.new_empty(B, H, self.capacity, D)
-            self.v = like.new_empty(B, H, self.capacity, D)
-        elif like.shape[:2] != self.k.shape[:2] or like.shape[3] != self.k.shape[3]:
-            raise ValueError(f"KVCache holds {tuple(self.k.shape)}, got a chunk of {tuple(like.shape)}")
+        if self.kv is None:
+            self.kv = like.new_empty(self.capacity, 2, *like.shape[1:])
+        elif like.shape[1:] != self.kv.shape[2:]:
+            raise ValueError(f"KVCache holds tokens of {tuple(self.kv.shape[2:])}, got {tuple(like.shape[1:])}")
         end = self.length + n
         if end > self.capacity:
             raise ValueError(f"KVCache: {end} tokens exceed the capacity of {self.capacity}")
         self.pending = (chunk, held)
-        return (self.k[:, :, self.length:end], self.v[:, :, self.length:end],
-                self.k[:, :, :end], self.v[:, :, :end])
+        return self.kv[self.length:end], self.kv[:end]
 
     def extend(self, k, v, chunk, held=None):
-        """reserve + write: returns keys, values [B, H, length + n, D]."""
-        k_slot, v_slot, keys, values = self.reserve(k, chunk, held)
-        k_slot.copy_(k)
-        v_slot.copy_(v)
-        return keys, values
+        """reserve + write the token-major k, v [n, B, H, D]: returns kv [length + n, 2, B, H, D]."""
+        slot, kv = self.reserve(k, chunk, held)
+        slot[:, 0] = k
+        slot[:, 1] = v
+        return kv
 
     def commit(self):
         chunk, held = self.pending
@@ -150,10 +154,11 @@ class KVCache:
 
 
 def chunk_attention(q, k, v, cache, chunk, commit=True, attend=fast_attention):
-    """One chunk's attention: q, k, v [B, H, n, D] (rotated) for global token range `chunk`; attends to
-    the cache and the chunk itself, then (if commit) keeps the chunk's k/v for later chunks."""
-    keys, values = cache.extend(k, v, chunk)
-    out = attend(q, keys, values)
+    """One chunk's attention: q, k, v [n, B, H, D] (token-major, rotated) for global token range `chunk`;
+    attends to the cache and the chunk itself, then (if commit) keeps the chunk's k/v for later chunks.
+    Returns [B, H, n, D]."""
+    kv = cache.extend(k, v, chunk)
+    out = attend(heads_major(q), heads_major(kv[:, 0]), heads_major(kv[:, 1]))
     if commit:
         cache.commit()
     return out
@@ -173,9 +178,9 @@ def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, att
     for start_frame in range(0, frames, chunk_frames):
         chunk = (start_frame * tpf, (start_frame + chunk_frames) * tpf)
         sl = slice(*chunk)
-        cq = rope.causal_rope(q[:, sl], (chunk_frames, height, width), start_frame).transpose(1, 2)
-        ck = rope.causal_rope(k[:, sl], (chunk_frames, height, width), start_frame).transpose(1, 2)
-        outs.append(chunk_attention(cq, ck, v[:, sl].transpose(1, 2), cache, chunk, attend=attend))
+        cq = rope.causal_rope(q[:, sl], (chunk_frames, height, width), start_frame).transpose(0, 1)
+        ck = rope.causal_rope(k[:, sl], (chunk_frames, height, width), start_frame).transpose(0, 1)
+        outs.append(chunk_attention(cq, ck, v[:, sl].transpose(0, 1), cache, chunk, attend=attend))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 

@@ -22,8 +22,9 @@ The idea
 
 Shapes
     q, k, v per rank (in/out):     [batch, n_local, heads, head_dim]
-    after seq_to_heads:            [batch, heads / U, n_ring_shard, head_dim]
-    KV cache per rank:             [batch, heads / U, cached tokens of its ring shard, head_dim]
+    after seq_to_heads:            [n_ring_shard, batch, heads / U, head_dim]  (token-major: what each
+                                   source sends is one contiguous row range of the receive buffer)
+    K/V (cache + chunk) per rank:  [tokens of its ring shard, 2, batch, heads / U, head_dim]
 
 Run
     python 03_sequence_parallel.py                          (one process: the degenerate mesh 1 x 1)
@@ -118,13 +119,18 @@ class SPMesh:
             cls._made[key] = cls(ulysses_degree, ring_degree, device)
         return cls._made[key]
 
-    def __init__(self, ulysses_degree, ring_degree, device=None):
-        world_size, rank = world()
+    def __init__(self, ulysses_degree, ring_degree, device=None, local=False):
+        """local=True: a 1 x 1 mesh of this process alone, whatever the job (the single-process reference)."""
+        world_size, rank = (1, 0) if local else world()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and world_size > 1 else "cpu"))
         problem = None
         if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
             problem = f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size {world_size}"
-        agree(self.device, "SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+        if local:
+            if problem:
+                raise ValueError(f"SPMesh: {problem}")
+        else:
+            agree(self.device, "SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
         self.world_size, self.rank = world_size, rank
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.ring_rank, self.ulysses_rank = divmod(rank, ulysses_degree)
@@ -162,32 +168,41 @@ class SPMesh:
 
 # ----------------------------------------------------------------------------- Ulysses all-to-all
 
-def seq_to_heads(x, mesh, length):
-    """[B, n_local, H, D] (my tokens, all heads) -> [B, H/U, n_ring_shard, D] (my group's tokens, my heads)."""
+def exchange_rows(send, mesh, length, async_op=False):
+    """The Ulysses all-to-all: send [U * n_local, ...] holds, for each group member in turn, the n_local rows
+    meant for it; returns recv [n_ring_shard, ...], member r's rows at member r's token offset (uneven
+    sizes are uneven splits, no padding). With async_op, returns (recv, work): recv is valid after work.wait()."""
+    U = mesh.ulysses_degree
+    n = send.shape[0] // U
+    sizes = mesh.ulysses_sizes(length)
+    recv = send.new_empty(sum(sizes), *send.shape[1:])
+    work = dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n] * U,
+                                  group=mesh.ulysses_group, async_op=async_op)
+    return (recv, work) if async_op else recv
+
+
+def seq_to_heads(x, mesh, length, async_op=False):
+    """[B, n_local, H, D] (my tokens, all heads) -> token-major [n_ring_shard, B, H/U, D] (my group's
+    tokens, my heads)."""
     U = mesh.ulysses_degree
     if U == 1:
-        return x.transpose(1, 2)
+        return (x.transpose(0, 1), None) if async_op else x.transpose(0, 1)
     B, n, H, D = x.shape
     send = x.reshape(B, n, U, H // U, D).permute(2, 1, 0, 3, 4).reshape(U * n, B, H // U, D)  # [U*n, B, Hu, D]
-    sizes = mesh.ulysses_sizes(length)
-    recv = x.new_empty(sum(sizes), B, H // U, D)
-    dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n] * U,
-                           group=mesh.ulysses_group)
-    return recv.permute(1, 2, 0, 3)                                      # [B, Hu, n_ring, D]
+    return exchange_rows(send, mesh, length, async_op)
 
 
 def heads_to_seq(x, mesh, length):
-    """[B, H/U, n_ring_shard, D] -> [B, n_local, H, D]: the inverse of seq_to_heads."""
+    """Token-major [n_ring_shard, B, H/U, D] -> [B, n_local, H, D]: the inverse of seq_to_heads."""
     U = mesh.ulysses_degree
     if U == 1:
-        return x.transpose(1, 2)
-    B, Hu, _, D = x.shape
+        return x.transpose(0, 1)
+    _, B, Hu, D = x.shape
     first, end = mesh.token_shard(length)
     n = end - first
-    send = x.permute(2, 0, 1, 3).contiguous()                            # [n_ring, B, Hu, D]
     recv = x.new_empty(U * n, B, Hu, D)
-    dist.all_to_all_single(recv, send, output_split_sizes=[n] * U, input_split_sizes=mesh.ulysses_sizes(length),
-                           group=mesh.ulysses_group)
+    dist.all_to_all_single(recv, x.contiguous(), output_split_sizes=[n] * U,
+                           input_split_sizes=mesh.ulysses_sizes(length), group=mesh.ulysses_group)
     return recv.view(U, n, B, Hu, D).permute(2, 1, 0, 3, 4).reshape(B, n, U * Hu, D)
 
 
@@ -213,28 +228,25 @@ def merge_partial(out, lse, block_out, block_lse):
     return out, new_lse
 
 
-def ring_attention(q, keys, values, mesh, kv_lengths):
-    """q [B, Hu, nq, D] and this rank's keys/values [B, Hu, nk, D]; kv_lengths[j] = keys held by ring rank j.
-    K/V travel once around the ring (send to the next rank while attending to the block in hand)."""
+def ring_attention(q, kv, mesh, kv_lengths):
+    """q [B, Hu, nq, D] and this rank's K/V kv [nk, 2, B, Hu, D]; kv_lengths[j] = tokens held by ring rank j.
+    K/V blocks travel once around the ring (sent on while the block in hand is attended to)."""
     R, j = mesh.ring_degree, mesh.ring_rank
-    block = torch.stack([keys, values])                                  # one buffer: one send per step
-    nxt = mesh.ring_ranks[(j + 1) % R]
-    prv = mesh.ring_ranks[(j - 1) % R]
+    block = kv.contiguous()
+    nxt, prv = mesh.ring_ranks[(j + 1) % R], mesh.ring_ranks[(j - 1) % R]
     out = lse = None
     for step in range(R):
         owner = (j - step) % R                                           # whose K/V `block` is
         incoming, reqs = None, []
         if step < R - 1:
             in_len = kv_lengths[(owner - 1) % R]
-            incoming = block.new_empty(2, *keys.shape[:2], in_len, keys.shape[3])
-            ops = []
-            if block.shape[3]:
-                ops.append(dist.P2POp(dist.isend, block, nxt))
-            if in_len:
-                ops.append(dist.P2POp(dist.irecv, incoming, prv))
+            incoming = block.new_empty(in_len, *block.shape[1:])
+            ops = ([dist.P2POp(dist.isend, block, nxt)] if len(block) else []) + \
+                  ([dist.P2POp(dist.irecv, incoming, prv)] if in_len else [])
             reqs = dist.batch_isend_irecv(ops) if ops else []
-        if block.shape[3]:
-            out, lse = merge_partial(out, lse, *attention_with_lse(q, block[0], block[1]))
+        if len(block):
+            k, v = causal.heads_major(block[:, 0]), causal.heads_major(block[:, 1])
+            out, lse = merge_partial(out, lse, *attention_with_lse(q, k, v))
         for req in reqs:
             req.wait()
         block = incoming
@@ -268,31 +280,38 @@ def sp_attention(q, k, v, mesh, chunk, cache=None, commit=False, check=True):
     if check:
         check_shapes(mesh, q, k, v, chunk)
     length = chunk[1] - chunk[0]
-    qh, kh, vh = (seq_to_heads(t, mesh, length) for t in (q, k, v))    # [B, Hu, n_ring, D]
-    return attend_heads(qh, kh, vh, mesh, chunk, cache, commit)
-
-
-def attend_heads(qh, kh, vh, mesh, chunk, cache=None, commit=False, k_written=False):
-    """The middle of sp_attention, after the Ulysses exchange: attention over [cache, chunk] (ring-parallel
-    over the mesh's ring groups), then back to this rank's token shard. k_written: kh/vh are already the
-    cache's reserved slots (stage 05 unpacks straight into them)."""
-    length = chunk[1] - chunk[0]
-    ring_shard = lambda c, j=None: tuple(c[0] + t for t in mesh.ring_shard(c[1] - c[0], j))
+    q_tm, k_tm, v_tm = (seq_to_heads(t, mesh, length) for t in (q, k, v))  # [n_ring, B, Hu, D]
     if cache is None:
-        keys, values = kh, vh
-        lengths = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+        kv = torch.stack([k_tm, v_tm], dim=1)
     else:
-        keys, values = ((cache.k[:, :, :cache.length + kh.shape[2]], cache.v[:, :, :cache.length + kh.shape[2]])
-                        if k_written else cache.extend(kh, vh, chunk, ring_shard(chunk)))
-        lengths = [cache.held_length(lambda c, j=j: ring_shard(c, j)) + b - a
-                   for j, (a, b) in enumerate(mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+        kv = cache.extend(k_tm, v_tm, chunk, ring_shard_of(mesh, chunk))
+    return attend_heads(q_tm, kv, mesh, chunk, cache, commit)
+
+
+def ring_shard_of(mesh, chunk, ring_rank=None):
+    """Global token range of `chunk` that ring rank `ring_rank`'s Ulysses group holds."""
+    a, b = mesh.ring_shard(chunk[1] - chunk[0], ring_rank)
+    return chunk[0] + a, chunk[0] + b
+
+
+def attend_heads(q_tm, kv, mesh, chunk, cache=None, commit=False):
+    """After the Ulysses exchange: q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D] (cache
+    and chunk; ring-parallel over the mesh's ring groups); then back to this rank's token shard."""
+    length = chunk[1] - chunk[0]
+    own = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+    if cache is None:
+        lengths = own
+    else:
+        lengths = [cache.held_length(lambda c, j=j: ring_shard_of(mesh, c, j)) + own[j]
+                   for j in range(mesh.ring_degree)]
+    q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
-        out = causal.fast_attention(qh, keys, values)
+        out = causal.fast_attention(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))
     else:
-        out = ring_attention(qh, keys, values, mesh, lengths)
+        out = ring_attention(q, kv, mesh, lengths)
     if cache is not None and commit:
         cache.commit()
-    return heads_to_seq(out, mesh, length)
+    return heads_to_seq(out.permute(2, 0, 1, 3), mesh, length)         # [B, Hu, n, D] -> [n, B, Hu, D]
 
 
 def gather_tokens(x_local, mesh, length, dim=1):
@@ -314,6 +333,14 @@ def factorizations(world_size, heads):
     """Every (ulysses_degree, ring_degree) with U * R = world_size and U dividing the heads."""
     return [(u, world_size // u) for u in range(1, world_size + 1)
             if world_size % u == 0 and heads % u == 0]
+
+
+def mesh_shape(world_size, heads, ring_degree=None):
+    """(U, R) for a job: the given ring degree, or else the largest Ulysses degree the heads allow (the
+    cache then stays sharded by head and per-step traffic does not grow with the video)."""
+    if ring_degree is None:
+        return factorizations(world_size, heads)[-1]
+    return (world_size // ring_degree if world_size % ring_degree == 0 else 0), ring_degree
 
 
 def main():
@@ -356,8 +383,14 @@ def main():
 
 
 def finish_distributed():
+    """Tear down in step: every rank passes a barrier, sub-groups go first, then the default group."""
     if dist.is_initialized():
-        dist.barrier()  # no rank tears down while a peer still talks to it
+        dist.barrier()
+        for mesh in SPMesh._made.values():
+            for group in {mesh.ulysses_group, mesh.ring_group} - {None, dist.group.WORLD}:
+                dist.destroy_process_group(group)
+        SPMesh._made.clear()
+        dist.barrier()
         dist.destroy_process_group()
 
 

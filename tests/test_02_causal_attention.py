@@ -47,12 +47,12 @@ def test_cache_keeps_exactly_the_window_and_uncommitted_passes_leave_it_alone():
     cache = causal.KVCache(capacity_tokens=10, window_tokens=10)
     for c in range(4):
         chunk = (c * chunk_tokens, (c + 1) * chunk_tokens)
-        k = torch.arange(chunk[0], chunk[1], dtype=torch.float64).view(1, 1, -1, 1)
-        keys, _ = cache.extend(k + 0.5, k + 0.5, chunk)          # a denoising pass: not kept
-        assert keys.shape[2] == min(10, chunk[1])                # sees the last 10 tokens at most
-        keys, _ = cache.extend(k, k, chunk)                      # the clean pass: kept
+        k = torch.arange(chunk[0], chunk[1], dtype=torch.float64).view(-1, 1, 1, 1)
+        kv = cache.extend(k + 0.5, k + 0.5, chunk)               # a denoising pass: not kept
+        assert kv.shape[0] == min(10, chunk[1])                  # sees the last 10 tokens at most
+        cache.extend(k, k, chunk)                                # the clean pass: kept
         cache.commit()
-        held = cache.k[0, 0, :cache.length, 0].tolist()
+        held = cache.kv[:cache.length, 0].flatten().tolist()
         assert held == list(range(max(0, chunk[1] - 10), chunk[1]))  # the last 10 committed tokens
     assert cache.kept_from == 4 * chunk_tokens - 10 and cache.held_length() == cache.length
 
@@ -63,12 +63,13 @@ def test_bad_inputs_are_rejected():
         causal.chunked_video_attention(q, k, v, (3, 2, 2), 3, window_frames=2)
     with pytest.raises(ValueError, match="not a whole number of chunks"):
         causal.chunked_video_attention(q, k, v, (3, 2, 2), 2)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)                  # token-major [12, 1, 1, 8]
     cache = causal.KVCache(capacity_tokens=5)
     with pytest.raises(ValueError, match="exceed the capacity"):
-        cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 12))
+        cache.extend(k, v, (0, 12))
     with pytest.raises(ValueError, match="tokens given for a held range"):
-        cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 11))
+        cache.extend(k, v, (0, 11))
     cache = causal.KVCache(capacity_tokens=50)
-    cache.extend(k.transpose(1, 2), v.transpose(1, 2), (0, 12))
+    cache.extend(k, v, (0, 12))
     with pytest.raises(ValueError, match="KVCache holds"):
-        cache.extend(torch.zeros(1, 2, 12, 8, dtype=torch.float64), torch.zeros(1, 2, 12, 8), (0, 12))
+        cache.extend(torch.zeros(12, 1, 2, 8, dtype=torch.float64), torch.zeros(12, 1, 2, 8), (0, 12))

@@ -1,0 +1,128 @@
+"""Stage 04 -- Causal-RoPE SP: each rank rotates its own tokens from the global time index.
+
+The idea
+    Under sequence parallelism a rank holds tokens first..end-1 of a chunk whose first frame is global
+    frame `start_frame`. The obvious way to apply causal RoPE is the baseline:
+        all-gather the chunk -> rotate the whole chunk (angles on the fly, float64, as upstream) -> keep my slice
+    which moves the whole chunk over the network and rotates world_size times more tokens than needed.
+
+    Causal-RoPE SP needs no communication: global token index g = start_frame * tokens_per_frame + first + i
+    gives the token's (frame, row, column) = (g // (H*W), g % (H*W) // W, g % W), and its rotation is a
+    function of that alone. Two ways, both here:
+        causal_rope_sp_positions  computes the angles from those positions (idea 1 alone)
+        causal_rope_sp            slices rows g..g+n of the RopeTable built once (ideas 1 + 2)
+
+Shapes
+    x_local: [batch, n_local, heads, head_dim]   (this rank's contiguous shard of the chunk)
+
+Run
+    python 04_causal_rope_sp.py
+    torchrun --nproc_per_node=4 04_causal_rope_sp.py [--height 60 --width 104 --heads 12 --head-dim 128]
+        prints each version's max error against single-process causal RoPE of the whole chunk, and the
+        median time of the baseline and of Causal-RoPE SP (on GPU: bf16 and CUDA events)
+"""
+import argparse
+import importlib
+import statistics
+import time
+
+import torch
+
+rope = importlib.import_module("01_rope")
+sp = importlib.import_module("03_sequence_parallel")
+
+
+def rope_allgather_baseline(x_local, mesh, grid, start_frame):
+    """All-gather the chunk, rotate all of it, keep this rank's slice."""
+    length = grid[0] * grid[1] * grid[2]
+    whole = sp.gather_tokens(x_local, mesh, length)                     # [B, length, H, D]: the traffic
+    first, end = mesh.token_shard(length)
+    return rope.causal_rope(whole, grid, start_frame)[:, first:end]
+
+
+def shard_positions(grid, start_frame, shard):
+    """(frame, row, column) of global tokens start_frame*H*W + first .. + end - 1: the global time index."""
+    _, height, width = grid
+    g = start_frame * height * width + torch.arange(*shard)
+    return g // (height * width), g % (height * width) // width, g % width
+
+
+def causal_rope_sp_positions(x_local, grid, start_frame, shard):
+    """Rotate this rank's tokens with angles computed from their own global positions (no table)."""
+    t_pairs, h_pairs, w_pairs = rope.axis_pairs(x_local.shape[-1])
+    frame, row, column = shard_positions(grid, start_frame, shard)
+    angles = torch.cat([rope.axis_angles(frame, t_pairs), rope.axis_angles(row, h_pairs),
+                        rope.axis_angles(column, w_pairs)], dim=-1).to(x_local.device)
+    return rope.apply_rope(x_local, angles.cos(), angles.sin())
+
+
+def causal_rope_sp(x_local, table, start_frame, num_frames, shard):
+    """Rotate this rank's tokens with its slice of the precomputed table: no communication, no trig."""
+    return rope.apply_rope(x_local, *table.chunk_rows(start_frame, num_frames, shard))
+
+
+def time_ms(fn, device, warmup=3, repeats=20):
+    """Median wall time of fn() in ms: CUDA events on GPU (after warm-up), perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunk-frames", type=int, default=3)
+    parser.add_argument("--video-frames", type=int, default=21, help="frames of the RoPE table")
+    parser.add_argument("--start-frame", type=int, default=9)
+    parser.add_argument("--height", type=int, default=6)
+    parser.add_argument("--width", type=int, default=7)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = sp.init_distributed()
+    mesh = sp.SPMesh.get(ring_degree=1)
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    tol = 1e-12 if dtype == torch.float64 else 1e-2   # bf16 output: one rounding of values of size ~4
+    grid = (args.chunk_frames, args.height, args.width)
+    length = args.chunk_frames * args.height * args.width
+    gen = torch.Generator().manual_seed(args.seed)
+    chunk = torch.randn(1, length, args.heads, args.head_dim, dtype=torch.float64, generator=gen).to(device, dtype)
+    shard = mesh.token_shard(length)
+    x_local = chunk[:, slice(*shard)].contiguous()
+    table = rope.RopeTable(args.head_dim, args.video_frames, args.height, args.width, device=device,
+                           dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+    want = rope.causal_rope(chunk.double(), grid, args.start_frame)[:, slice(*shard)]
+    versions = {
+        "all-gather baseline": lambda: rope_allgather_baseline(x_local, mesh, grid, args.start_frame),
+        "Causal-RoPE SP (positions)": lambda: causal_rope_sp_positions(x_local, grid, args.start_frame, shard),
+        "Causal-RoPE SP (table slice)": lambda: causal_rope_sp(x_local, table, args.start_frame, args.chunk_frames, shard),
+    }
+    rows = []
+    for name, fn in versions.items():
+        err = rope.check(name, fn(), want, tol)
+        rows.append((name, err, time_ms(fn, device)))
+    if mesh.rank == 0:
+        print(f"04_causal_rope_sp: {mesh.world_size} rank(s), {device.type}, {dtype}, chunk {grid} = {length} tokens "
+              f"x {args.heads} heads x {args.head_dim}, start_frame {args.start_frame}")
+        base = rows[0][2]
+        for name, err, ms in rows:
+            print(f"  {name:<30s} max error {err:.1e}   median {ms:8.3f} ms   ({base / ms:5.1f}x vs baseline)")
+    sp.finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

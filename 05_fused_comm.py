@@ -1,0 +1,287 @@
+"""Stage 05 -- fused communication: Q, K and V in one all-to-all, RMSNorm + RoPE fused into the packing.
+
+The idea
+    Stages 03-04 give a correct SP self-attention layer that, per layer, runs: RMSNorm(q), RMSNorm(k),
+    RoPE(q), RoPE(k) as separate passes, then three all-to-alls (q, k, v) in and one out. At Wan-1.3B
+    shapes each all-to-all is a few MB: latency-bound, so the count matters more than the bytes.
+    This stage builds the layer the fast way:
+      * pack_qkv: one pass reads the q/k/v projections, RMS-normalises q and k, rotates them with this
+        rank's slice of the precomputed RoPE table (stage 04) and writes all three into ONE send buffer
+        laid out per destination rank. On GPU the function is torch.compile'd into one or two kernels;
+        the same plain PyTorch function is the CPU path and the reference.
+      * one all-to-all for Q/K/V (stage 03's exchange_rows), landing token-major, so the keys/values are
+        one copy away from the KV cache and the queries need no copy at all.
+      * "overlap": V needs neither norm nor RoPE, so its all-to-all can start before Q/K are packed
+        and run while they are (two exchanges instead of one, but one of them hidden).
+    The unfused layer (stages 03 + 04 as they are) stays beside it for comparison.
+
+Shapes
+    x (per rank):           [batch, n_local, dim]
+    send buffer:            [U, n_local, 3, batch, heads/U, head_dim]   (one block per destination)
+    received:               [n_ring_shard, 3, batch, heads/U, head_dim] (token-major)
+    parameter names:        q, k, v, o (Linear dim->dim), norm_q, norm_k (RMSNorm over the full dim):
+                            Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
+
+Run
+    python 05_fused_comm.py                         fused == overlap == unfused == one process
+    torchrun --nproc_per_node=4 05_fused_comm.py    the same on 4 ranks (Ulysses; 2-D meshes via --ring)
+    torchrun --nproc_per_node=2 05_fused_comm.py --bench
+        Wan-1.3B shapes (4680 tokens, 12 x 128 heads, bf16 on GPU): median times per attention layer of
+        the RoPE stage (all-gather baseline vs Causal-RoPE SP), Q/K/V exchange (three vs one all-to-all)
+        and the whole layer (unfused, fused, overlap)
+"""
+import argparse
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+rope = importlib.import_module("01_rope")
+causal = importlib.import_module("02_causal_attention")
+sp = importlib.import_module("03_sequence_parallel")
+crsp = importlib.import_module("04_causal_rope_sp")
+
+MODES = ("unfused", "fused", "overlap")
+
+
+def rms_norm(x, weight, eps):
+    """Wan's RMSNorm: normalise in float32 over the last (full model) dim, cast back, scale."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class ShardLayout:
+    """Where this rank's tokens sit, for one chunk: computed once per chunk, shared by every layer/step."""
+    mesh: object
+    table: object          # stage 01's RopeTable for the whole video
+    start_frame: int
+    num_frames: int
+
+    def __post_init__(self):
+        self.length = self.num_frames * self.table.tokens_per_frame
+        first = self.start_frame * self.table.tokens_per_frame
+        self.chunk = (first, first + self.length)                     # global token range of the chunk
+        self.shard = self.mesh.token_shard(self.length)               # this rank's part, chunk-relative
+        self.n_local = self.shard[1] - self.shard[0]
+        self.cos, self.sin = self.table.chunk_rows(self.start_frame, self.num_frames, self.shard)
+
+
+def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
+    """q, k, v [B, n, dim] (projections) -> send buffer [U, n, 3, B, heads/U, D]: RMSNorm and RoPE on q/k
+    and the per-destination layout in one pass (once compiled)."""
+    B, n, dim = q.shape
+    D, U = dim // heads, ulysses_degree
+    q = rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin)
+    k = rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)
+    qkv = torch.stack([q, k, v.view(B, n, heads, D)])                 # [3, B, n, H, D]
+    return qkv.view(3, B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
+
+
+def pack_qk(q, k, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
+    """pack_qkv without V (the overlap mode sends V on its own, earlier): [U, n, 2, B, heads/U, D]."""
+    B, n, dim = q.shape
+    D, U = dim // heads, ulysses_degree
+    q = rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin)
+    k = rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)
+    return torch.stack([q, k]).view(2, B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
+
+
+_compiled = {}
+
+
+def on_device(fn, x):
+    """fn compiled with torch.compile when x is on a GPU (one fused kernel instead of ~15), else fn."""
+    if x.device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+class CausalSelfAttention(nn.Module):
+    """Wan2.1's causal self-attention, sequence-parallel. forward(x [B, n_local, dim]) -> [B, n_local, dim]."""
+
+    def __init__(self, dim, num_heads, eps=1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} does not split into {num_heads} heads")
+        self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def check_input(self, x, layout):
+        """Every rank raises the same error for a bad input or a disagreement, before any exchange."""
+        problem = layout.mesh.heads_problem(self.num_heads)
+        if x.dim() != 3 or x.shape[1] != layout.n_local or x.shape[2] != self.dim:
+            problem = f"x is {tuple(x.shape)}, expected [batch, {layout.n_local}, {self.dim}]"
+        sp.agree(layout.mesh.device, "CausalSelfAttention", problem, batch=x.shape[0] if x.dim() else -1,
+                 dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
+
+    def forward(self, x, layout, cache=None, commit=False, mode="fused", check=False):
+        if check:
+            self.check_input(x, layout)
+        mesh, H, U = layout.mesh, self.num_heads, layout.mesh.ulysses_degree
+        q, k, v = self.q(x), self.k(x), self.v(x)                     # [B, n, dim] each
+        if mode == "unfused":                                         # stages 03 + 04 as they are
+            q = crsp.causal_rope_sp(self.norm_q(q).unflatten(-1, (H, -1)), layout.table, layout.start_frame,
+                                    layout.num_frames, layout.shard)
+            k = crsp.causal_rope_sp(self.norm_k(k).unflatten(-1, (H, -1)), layout.table, layout.start_frame,
+                                    layout.num_frames, layout.shard)
+            out = sp.sp_attention(q, k, v.unflatten(-1, (H, -1)), mesh, layout.chunk, cache, commit, check=False)
+            return self.o(out.flatten(2))
+        norms = (self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin, H, U, self.eps)
+        if mode == "fused":
+            send = on_device(pack_qkv, x)(q, k, v, *norms)            # [U, n, 3, B, Hu, D]
+            recv = self.exchange(send, layout)                        # [n_ring, 3, B, Hu, D]
+            q_tm, kv = recv[:, 0], recv[:, 1:]
+        elif mode == "overlap":
+            v_tm, v_work = sp.seq_to_heads(v.unflatten(-1, (H, -1)), mesh, layout.length, async_op=True)
+            recv = self.exchange(on_device(pack_qk, x)(q, k, *norms), layout)  # V travels meanwhile
+            if v_work is not None:
+                v_work.wait()
+            q_tm, kv = recv[:, 0], torch.stack([recv[:, 1], v_tm], dim=1)
+        else:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if cache is not None:
+            slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(mesh, layout.chunk))
+            slot.copy_(kv)
+            kv = kv_all
+        out = sp.attend_heads(q_tm, kv, mesh, layout.chunk, cache, commit)   # [B, n, H, D]
+        return self.o(out.flatten(2))
+
+    @staticmethod
+    def exchange(send, layout):
+        U = layout.mesh.ulysses_degree
+        if U == 1:
+            return send[0]
+        return sp.exchange_rows(send.flatten(0, 1), layout.mesh, layout.length)
+
+
+# ----------------------------------------------------------------------------- check and benchmark
+
+def run_layer_chunks(layer, x_chunks, mesh, table, chunk_frames, mode, use_cache=True):
+    """Feed whole-chunk inputs x_chunks[c] [B, chunk_tokens, dim] through the layer, this rank taking its
+    shard of each chunk; returns the per-chunk output shards."""
+    cache = causal.KVCache(sum(x.shape[1] for x in x_chunks)) if use_cache else None
+    outs = []
+    for c, x in enumerate(x_chunks):
+        layout = ShardLayout(mesh, table, c * chunk_frames, chunk_frames)
+        outs.append(layer(x[:, slice(*layout.shard)], layout, cache, commit=True, mode=mode, check=True))
+    return outs
+
+
+def check_main(args, device):
+    mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], args.heads, args.ring))
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.manual_seed(args.seed)                                      # same weights and inputs on every rank
+    layer = CausalSelfAttention(args.dim, args.heads).to(device, dtype)
+    table = rope.RopeTable(args.dim // args.heads, args.chunks * args.chunk_frames, args.height, args.width,
+                           dtype=dtype, device=device)
+    tokens = args.chunk_frames * args.height * args.width
+    x_chunks = [torch.randn(1, tokens, args.dim, dtype=dtype, device=device) for _ in range(args.chunks)]
+    with torch.no_grad():
+        one = sp.SPMesh(1, 1, device, local=True)                    # the single-process reference
+        want = torch.cat(run_layer_chunks(layer, x_chunks, one, table, args.chunk_frames, "unfused"), dim=1)
+        lines = []
+        for mode in MODES:
+            outs = run_layer_chunks(layer, x_chunks, mesh, table, args.chunk_frames, mode)
+            got = torch.cat([sp.gather_tokens(o, mesh, tokens) for o in outs], dim=1)
+            err = rope.check(mode, got, want, tol)
+            lines.append(f"  {mode:<8s} layer, {args.chunks} chunks through the KV cache: max error vs one process {err:.1e}")
+    if mesh.rank == 0:
+        print(f"05_fused_comm: {mesh.world_size} rank(s) = ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}, "
+              f"{device.type}, {dtype}, chunks of {tokens} tokens (shards {[b - a for a, b in sp.shard_bounds(tokens, mesh.world_size)]})")
+        print("\n".join(lines))
+
+
+def bench_main(args, device):
+    mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], args.heads, args.ring))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    H, D = args.heads, args.dim // args.heads
+    torch.manual_seed(args.seed)
+    layer = CausalSelfAttention(args.dim, H).to(device, dtype)
+    table = rope.RopeTable(D, args.video_frames, args.height, args.width, device=device)
+    layout = ShardLayout(mesh, table, args.start_frame, args.chunk_frames)
+    x = torch.randn(1, layout.n_local, args.dim, device=device, dtype=dtype)
+    q_local = torch.randn(1, layout.n_local, H, D, device=device, dtype=dtype)
+    grid = (args.chunk_frames, args.height, args.width)
+    bench = lambda fn: crsp.time_ms(fn, device, warmup=args.warmup, repeats=args.repeats)
+    rows = []
+    with torch.no_grad():
+        rows.append(("RoPE: all-gather baseline (q)", bench(
+            lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, args.start_frame))))
+        rows.append(("RoPE: Causal-RoPE SP, table slice (q)", bench(
+            lambda: crsp.causal_rope_sp(q_local, table, args.start_frame, args.chunk_frames, layout.shard))))
+        if mesh.ulysses_degree > 1:
+            q4 = q_local.view(1, layout.n_local, H, D)
+            send = torch.randn(mesh.ulysses_degree * layout.n_local, 3, 1, H // mesh.ulysses_degree, D,
+                               device=device, dtype=dtype)
+            rows.append(("Q/K/V exchange: three all-to-alls", bench(
+                lambda: [sp.seq_to_heads(q4, mesh, layout.length) for _ in range(3)])))
+            rows.append(("Q/K/V exchange: one fused all-to-all", bench(
+                lambda: sp.exchange_rows(send, mesh, layout.length))))
+        for mode in MODES:
+            rows.append((f"layer ({mode}), no cache", bench(lambda: layer(x, layout, mode=mode))))
+        cache = causal.KVCache(args.cache_frames * table.tokens_per_frame + layout.length)
+        prefill = ShardLayout(mesh, table, 0, args.cache_frames)    # earlier frames, committed once
+        layer(torch.randn(1, prefill.n_local, args.dim, device=device, dtype=dtype), prefill, cache, commit=True)
+        cached = ShardLayout(mesh, table, args.cache_frames, args.chunk_frames)
+        for mode in MODES:
+            rows.append((f"layer ({mode}), {args.cache_frames}-frame cache", bench(
+                lambda: layer(x, cached, cache, mode=mode))))
+    if mesh.rank == 0:
+        print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}), "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, chunk {grid} = "
+              f"{layout.length} tokens, {H} heads x {D}; median of {args.repeats} runs")
+        for name, ms in rows:
+            print(f"  {name:<45s} {ms:9.3f} ms")
+        base = dict(rows)
+        print(f"  RoPE stage speed-up (baseline / Causal-RoPE SP): "
+              f"{base['RoPE: all-gather baseline (q)'] / base['RoPE: Causal-RoPE SP, table slice (q)']:.1f}x")
+        if mesh.ulysses_degree > 1:
+            print(f"  exchange speed-up (three / one all-to-all): "
+                  f"{base['Q/K/V exchange: three all-to-alls'] / base['Q/K/V exchange: one fused all-to-all']:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="time at Wan-1.3B shapes instead of checking")
+    parser.add_argument("--ring", type=int, default=None,
+                        help="ring degree (Ulysses degree = world / ring); default: as much Ulysses as the heads allow")
+    parser.add_argument("--dim", type=int, default=None, help="model dim (default 48, bench 1536)")
+    parser.add_argument("--heads", type=int, default=None, help="heads (default 4, bench 12)")
+    parser.add_argument("--height", type=int, default=None, help="latent rows / 2 (default 3, bench 30)")
+    parser.add_argument("--width", type=int, default=None, help="latent columns / 2 (default 5, bench 52)")
+    parser.add_argument("--chunk-frames", type=int, default=3)
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--video-frames", type=int, default=21)
+    parser.add_argument("--start-frame", type=int, default=9)
+    parser.add_argument("--cache-frames", type=int, default=9, help="bench: frames already in the KV cache")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for name, small, wan in (("dim", 48, 1536), ("heads", 4, 12), ("height", 3, 30), ("width", 5, 52)):
+        if getattr(args, name) is None:
+            setattr(args, name, wan if args.bench else small)
+    device = sp.init_distributed()
+    (bench_main if args.bench else check_main)(args, device)
+    sp.finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Stage 05 properties: fused == overlap == unfused SP attention layer == the layer on one process."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import WORLD_SIZES
+from rank_pool import RankError, get_pool
+
+rope = importlib.import_module("01_rope")
+sp = importlib.import_module("03_sequence_parallel")
+fused = importlib.import_module("05_fused_comm")
+
+EXACT = 1e-12  # float64 layer: sharding and fusion only reorder sums
+
+
+def make_case(dim, heads, chunks, chunk_frames, height, width, seed):
+    torch.manual_seed(seed)
+    layer = fused.CausalSelfAttention(dim, heads).double()
+    for p in layer.parameters():  # RMSNorm weights start at ones: make them matter
+        torch.nn.init.normal_(p, std=0.5)
+    table = rope.RopeTable(dim // heads, chunks * chunk_frames, height, width, dtype=torch.float64)
+    x_chunks = [torch.randn(1, chunk_frames * height * width, dim, dtype=torch.float64) for _ in range(chunks)]
+    return layer, table, x_chunks
+
+
+def run_layer(mesh_shape, case, mode, use_cache):
+    layer, table, x_chunks = make_case(*case)
+    mesh = sp.SPMesh.get(*mesh_shape)
+    with torch.no_grad():
+        return fused.run_layer_chunks(layer, x_chunks, mesh, table, case[3], mode, use_cache)
+
+
+def run_all_modes(mesh_shape, case, use_cache):
+    return [run_layer(mesh_shape, case, mode, use_cache) for mode in fused.MODES]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@given(data=st.data(), heads=st.sampled_from([1, 2, 3, 4, 6, 12]), head_dim=st.sampled_from([6, 8, 12]),
+       chunks=st.integers(1, 3), chunk_frames=st.integers(1, 3), height=st.integers(1, 3), width=st.integers(1, 4),
+       use_cache=st.booleans(), seed=st.integers(0, 2**31))
+def test_fused_equals_unfused_equals_one_process(world_size, data, heads, head_dim, chunks, chunk_frames, height,
+                                                 width, use_cache, seed):
+    mesh_shape = data.draw(st.sampled_from(sp.factorizations(world_size, heads)), label="mesh")
+    case = (heads * head_dim, heads, chunks, chunk_frames, height, width, seed)
+    layer, table, x_chunks = make_case(*case)
+    with torch.no_grad():
+        want = fused.run_layer_chunks(layer, x_chunks, sp.SPMesh(1, 1, local=True), table, chunk_frames,
+                                      "unfused", use_cache)
+    per_rank = get_pool(world_size).run(run_all_modes, mesh_shape, case, use_cache)
+    for m, mode in enumerate(fused.MODES):
+        for c in range(chunks):
+            got = torch.cat([modes[m][c] for modes in per_rank], dim=1)
+            torch.testing.assert_close(got, want[c], rtol=0, atol=EXACT, msg=lambda e: f"{mode}, chunk {c}: {e}")
+
+
+def test_pack_qkv_layout_is_one_block_per_destination():
+    B, n, heads, D, U = 2, 5, 4, 6, 2
+    q, k, v = (torch.randn(B, n, heads * D, dtype=torch.float64) for _ in range(3))
+    cos, sin = torch.ones(n, D // 2, dtype=torch.float64), torch.zeros(n, D // 2, dtype=torch.float64)
+    ones = torch.ones(heads * D, dtype=torch.float64)
+    send = fused.pack_qkv(q, k, v, ones, ones, cos, sin, heads, U, 1e-6)
+    assert send.shape == (U, n, 3, B, heads // U, D)
+    # destination u gets heads u*H/U .. of every token; V passes through untouched
+    torch.testing.assert_close(send[1, :, 2], v.view(B, n, heads, D)[:, :, 2:].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(send[0, :, 0], fused.rms_norm(q, ones, 1e-6).view(B, n, heads, D)[:, :, :2]
+                               .transpose(0, 1), rtol=0, atol=0)
+
+
+def wrong_input_on_one_rank():
+    mesh = sp.SPMesh.get(2, 1)
+    table = rope.RopeTable(8, 3, 2, 2, dtype=torch.float64)
+    layout = fused.ShardLayout(mesh, table, 0, 3)
+    layer = fused.CausalSelfAttention(16, 2).double()
+    x = torch.zeros(1, layout.n_local + (mesh.rank == 1), 16, dtype=torch.float64)
+    layer(x, layout, check=True)
+
+
+def test_wrong_input_on_one_rank_raises_everywhere():
+    with pytest.raises(RankError) as info:
+        get_pool(2).run(wrong_input_on_one_rank)
+    assert set(info.value.messages.values()) == {
+        "ValueError: CausalSelfAttention: rank 1: x is (1, 7, 16), expected [batch, 6, 16] "
+        "(ranks rejecting their input: [1])"}
+
+
+def test_unknown_mode_is_rejected():
+    layer, table, x_chunks = make_case(12, 2, 1, 1, 2, 2, 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fused.run_layer_chunks(layer, x_chunks, sp.SPMesh(1, 1, local=True), table, 1, "fast")
