@@ -1,0 +1,403 @@
+"""Stage 06 -- the Self-Forcing pipeline: chunk-by-chunk, KV-cached, 4-step video generation, on N ranks.
+
+The idea
+    Self-Forcing distils Wan2.1-T2V-1.3B into a causal generator that makes a video's latents a chunk of
+    3 latent frames at a time, in 4 denoising steps per chunk:
+        for each chunk (start_frame = 0, 3, 6, ...):
+            x = noise
+            for t in [1000, 750, 500, 250] warped by the shift-5 flow-matching schedule (1000, 937.5, 833.3, 625):
+                v  = model(x, t)                 # reads the KV cache of earlier chunks, keeps nothing
+                x0 = x - sigma_t * v             # the model predicts the flow
+                x  = (1 - sigma_next) * x0 + sigma_next * fresh_noise     (not after the last step)
+            hand out x0; model(x0, t=0) once more with commit: its K/V become the chunk's cache entries
+    Here every rank keeps only its contiguous token shard of the chunk through all steps (re-noising is
+    elementwise, the per-frame modulation is per token); attention is stage 05's layer (Causal-RoPE SP
+    from the table of stage 01, one Q/K/V all-to-all, KV cache sharded like the attention); the text
+    cross-attention needs no communication (each rank holds all 512 text tokens' K/V, computed once).
+    Only a finished chunk is gathered, to be handed out.
+
+The model
+    Wan2.1's DiT with Self-Forcing's per-frame timesteps and the original parameter names (patch_embedding,
+    text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.{modulation, norm3, self_attn.*,
+    cross_attn.*, ffn.{0,2}}, head.{head, modulation}), so real checkpoints load strictly, including the
+    Self-Forcing file layout ({'generator' | 'generator_ema': {'model.<name>': tensor}}).
+    Tokens are patches of 1 x 2 x 2 latent pixels; a token's 64 values are ordered (pt, ph, pw, channel),
+    the head's output order, so latents stay in token form through the whole loop.
+
+Shapes (wan-1.3b, 480x832)
+    latents:  [batch, 16, frames, 60, 104]   -> tokens [batch, frames * 1560, 64]; a chunk is 4680 tokens
+    x per rank: [batch, n_local, 1536] residual stream (float32), linear layers in the model dtype
+    text: [batch, 512, 4096] umT5 features -> per block cross-attention K/V [batch, 12, 512, 128]
+
+Run
+    python 06_self_forcing_pipeline.py                              tiny preset, one process
+    torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
+    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --checkpoint self_forcing_dmd.pt \\
+        --text-embedding prompt_umt5.pt --output out/latents.pt
+    Prints first-chunk latency, total time and frames per second; saves the latents (VAE decoding is
+    not part of this reference).
+"""
+import argparse
+import importlib
+import math
+import os
+import struct
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+rope = importlib.import_module("01_rope")
+causal = importlib.import_module("02_causal_attention")
+sp = importlib.import_module("03_sequence_parallel")
+crsp = importlib.import_module("04_causal_rope_sp")
+fused = importlib.import_module("05_fused_comm")
+
+PRESETS = {
+    # tests and CPU runs: the same architecture, small
+    "tiny": dict(dim=48, ffn_dim=96, num_heads=4, num_layers=2, in_dim=16, out_dim=16, text_dim=32, text_len=16,
+                 freq_dim=32, height=64, width=96),
+    # Wan2.1-T2V-1.3B (Self-Forcing's generator)
+    "wan-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, text_dim=4096,
+                     text_len=512, freq_dim=256, height=480, width=832),
+}
+PATCH = (1, 2, 2)
+VAE_STRIDE = 8                     # video pixels per latent pixel (and 4 video frames per latent frame)
+CHUNK_FRAMES = 3
+DENOISING_STEPS = (1000, 750, 500, 250)
+SHIFT = 5.0
+
+
+# ----------------------------------------------------------------------------- the model
+
+def sinusoidal_embedding(dim, positions):
+    """Wan's timestep embedding: [cos, sin] of position * 10000^(-i / (dim/2)), in float64."""
+    half = dim // 2
+    angles = torch.outer(positions.double(), torch.pow(10000.0, -torch.arange(half, dtype=torch.float64,
+                                                                               device=positions.device) / half))
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Wan's LayerNorm: computed in float32 (or wider), cast back."""
+
+    def forward(self, x):
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type_as(x)
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: each rank's tokens attend to all text tokens; no communication."""
+
+    def __init__(self, dim, num_heads, eps=1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = fused.RMSNorm(dim, eps), fused.RMSNorm(dim, eps)
+
+    def context_kv(self, context):
+        """K/V of the text [B, H, L, D], computed once per video."""
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, context_kv):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # [B, H, n, D]
+        out = F.scaled_dot_product_attention(q, *context_kv)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, ffn_dim, num_heads, eps=1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = fused.CausalSelfAttention(dim, num_heads, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def modulated(self, norm, x, e, frame_index, which):
+        """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale) = e[.., which:which+2]."""
+        shift, scale = (self.modulation[0, which:which + 2] + e[:, :, which:which + 2]).unbind(2)  # [B, F, dim]
+        return norm(x) * (1 + scale[:, frame_index]) + shift[:, frame_index]
+
+    def gate(self, e, frame_index, which):
+        return (self.modulation[0, which] + e[:, :, which])[:, frame_index]
+
+    def pre_attention(self, x, e, frame_index):
+        return self.modulated(self.norm1, x, e, frame_index, 0).to(self.modulation.dtype)
+
+    def post_attention(self, x, y, e, frame_index, context_kv):
+        """Everything after self-attention: gated residual, cross-attention, modulated FFN."""
+        x = x + y * self.gate(e, frame_index, 2)
+        x = x + self.cross_attn(self.norm3(x).to(self.modulation.dtype), context_kv)
+        h = self.modulated(self.norm2, x, e, frame_index, 3).to(self.modulation.dtype)
+        return x + self.ffn(h) * self.gate(e, frame_index, 5)
+
+    def forward(self, x, e, frame_index, layout, cache, commit, context_kv, mode="fused"):
+        h = fused.on_device(Block.pre_attention, x)(self, x, e, frame_index)
+        y = self.self_attn(h, layout, cache, commit, mode)
+        return fused.on_device(Block.post_attention, x)(self, x, y, e, frame_index, context_kv)
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_features, eps=1e-6):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x, e, frame_index):
+        shift, scale = (self.modulation[None] + e[:, :, None]).unbind(2)          # [B, F, dim]
+        h = self.norm(x) * (1 + scale[:, frame_index]) + shift[:, frame_index]
+        return self.head(h.to(self.head.weight.dtype))
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 DiT, causal, sequence-parallel. forward(tokens of this rank's shard) -> predicted flow."""
+
+    def __init__(self, dim, ffn_dim, num_heads, num_layers, in_dim=16, out_dim=16, text_dim=4096, text_len=512,
+                 freq_dim=256, eps=1e-6, **_):
+        super().__init__()
+        self.dim, self.num_heads, self.freq_dim, self.text_len, self.text_dim = dim, num_heads, freq_dim, text_len, text_dim
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=PATCH, stride=PATCH)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([Block(dim, ffn_dim, num_heads, eps) for _ in range(num_layers)])
+        self.head = Head(dim, math.prod(PATCH) * out_dim, eps)
+        # The RoPE table is not a parameter or buffer (as upstream): real checkpoints load strictly.
+
+    @property
+    def dtype(self):
+        return self.head.head.weight.dtype
+
+    def text_context(self, text):
+        """text [B, L <= text_len, text_dim] -> per-block cross-attention K/V (zero-padded to text_len)."""
+        text = F.pad(text, (0, 0, 0, self.text_len - text.shape[1]))
+        context = self.text_embedding(text.to(self.dtype))
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
+
+    def forward(self, tokens, timestep, frame_index, layout, caches, commit, context_kvs, mode="fused"):
+        """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk.
+        Returns the predicted flow [B, n_local, 64] in float32 (or float64)."""
+        act = torch.promote_types(self.dtype, torch.float32)          # residual stream and modulation
+        weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)      # conv as a linear layer
+        x = F.linear(tokens.to(self.dtype), weight, self.patch_embedding.bias).to(act)
+        t = sinusoidal_embedding(self.freq_dim, timestep.flatten()).to(self.dtype)
+        e = self.time_embedding(t)                                                    # [B*F, dim]
+        e6 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(0, timestep.shape).to(act)
+        for block, cache, context_kv in zip(self.blocks, caches, context_kvs):
+            x = block(x, e6, frame_index, layout, cache, commit, context_kv, mode)
+        return self.head(x, e.unflatten(0, timestep.shape).to(act), frame_index).to(act)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(model, path, use_ema=False):
+    """Load a Wan2.1 / Self-Forcing checkpoint strictly; every problem names the key."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and ("generator" in state or "generator_ema" in state):
+        key = "generator_ema" if use_ema else "generator"
+        if key not in state:
+            raise ValueError(f"{path}: no '{key}' entry (has {sorted(state)})")
+        state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {k.replace("_fsdp_wrapped_module.", "").removeprefix("model."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = ([f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in unexpected] +
+                [f"wrong shape {w}" for w in wrong])
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems[:10]) + more)
+    model.load_state_dict(state, strict=True)
+
+
+def parameter_fingerprint(model):
+    """A number that differs when ranks hold different weights (the float64 sum's bits)."""
+    total = sum(p.detach().double().sum() for p in model.parameters()).item()
+    return struct.unpack("<q", struct.pack("<d", total))[0]
+
+
+# ----------------------------------------------------------------------------- the Self-Forcing loop
+
+def warped_timesteps(steps=DENOISING_STEPS, shift=SHIFT, num_train_timesteps=1000):
+    """Self-Forcing's denoising list: the shift-warped flow-matching schedule at 1000 - t
+    (https://github.com/guandeh17/Self-Forcing pipeline/causal_inference.py). Returns (timesteps, sigmas)."""
+    sigmas = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    table = torch.cat([sigmas * num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
+    timesteps = [table[num_train_timesteps - t].item() for t in steps]
+    return timesteps, [t / num_train_timesteps for t in timesteps]
+
+
+def patchify(latents):
+    """[B, C, F, H, W] -> tokens [B, F * H/2 * W/2, 4C], tokens (frame, row, column), values (ph, pw, c)."""
+    B, C, Fr, H, W = latents.shape
+    x = latents.view(B, C, Fr, H // 2, 2, W // 2, 2).permute(0, 2, 3, 5, 4, 6, 1)    # B F h w ph pw C
+    return x.reshape(B, Fr * (H // 2) * (W // 2), 4 * C)
+
+
+def unpatchify(tokens, frames, height, width):
+    """Inverse of patchify (height/width in latent pixels)."""
+    B, C = tokens.shape[0], tokens.shape[2] // 4
+    x = tokens.view(B, frames, height // 2, width // 2, 2, 2, C).permute(0, 6, 1, 2, 4, 3, 5)
+    return x.reshape(B, C, frames, height, width)
+
+
+def video_frames(latent_frames):
+    return 4 * (latent_frames - 1) + 1
+
+
+class Generator:
+    """Noise for the whole run from one seeded stream, drawn in a fixed order on every rank (so all ranks
+    and the single-process run see the same numbers); each rank keeps its shard."""
+
+    def __init__(self, seed, device):
+        self.gen = torch.Generator(device).manual_seed(seed)
+        self.device = device
+
+    def chunk_noise(self, batch, channels, frames, height, width, shard):
+        noise = torch.randn(batch, channels, frames, height, width, generator=self.gen, device=self.device)
+        return patchify(noise)[:, slice(*shard)]
+
+
+def validate(model, mesh, frames, height, width, chunk_frames, window_frames, text):
+    """Every rank checks the run's configuration, then all agree (same error everywhere, before any data
+    collective): also catches ranks that were given different settings or different weights."""
+    problem = None
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    if height % (VAE_STRIDE * PATCH[1]) or width % (VAE_STRIDE * PATCH[2]):
+        problem = f"height {height} and width {width} must be multiples of {VAE_STRIDE * PATCH[1]}"
+    elif frames < 1 or frames % chunk_frames:
+        problem = f"{frames} latent frames are not a whole number of chunks of {chunk_frames}"
+    elif frames > rope.MAX_TIME_POSITIONS:
+        problem = f"{frames} latent frames exceed the RoPE table's {rope.MAX_TIME_POSITIONS} time positions"
+    elif window_frames is not None and window_frames < chunk_frames:
+        problem = f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}"
+    elif text.dim() != 3 or text.shape[2] != model.text_dim or text.shape[1] > model.text_len:
+        problem = f"text embedding is {tuple(text.shape)}, expected [batch, <= {model.text_len}, {model.text_dim}]"
+    else:
+        problem = mesh.heads_problem(model.num_heads)
+    sp.agree(mesh.device, "Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
+             chunk_frames=chunk_frames, window_frames=window_frames or 0, batch=text.shape[0] if text.dim() else -1,
+             weights=parameter_fingerprint(model))
+
+
+@torch.no_grad()
+def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_FRAMES, window_frames=None,
+             mode="fused", progress=False, on_chunk=None):
+    """Generate `frames` latent frames of a height x width (video pixels) video on the mesh's ranks.
+    text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] (float32) on every rank.
+    on_chunk(index, seconds) is called when a chunk is handed out (for latency figures)."""
+    validate(model, mesh, frames, height, width, chunk_frames, window_frames, text)
+    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    table = rope.RopeTable(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device=device)
+    tpf = table.tokens_per_frame
+    window_tokens = None if window_frames is None else window_frames * tpf
+    caches = [causal.KVCache(window_tokens or frames * tpf, window_tokens) for _ in model.blocks]
+    context_kvs = model.text_context(text.to(device))
+    timesteps, sigmas = warped_timesteps()
+    noise = Generator(seed, device)
+    act = torch.promote_types(model.dtype, torch.float32)
+    chunks, start = [], time.perf_counter()
+    bar = tqdm(total=(frames // chunk_frames) * len(timesteps), disable=not progress, desc="denoising", unit="step")
+    for start_frame in range(0, frames, chunk_frames):
+        layout = fused.ShardLayout(mesh, table, start_frame, chunk_frames)
+        frame_index = (torch.arange(*layout.shard, device=device) // tpf)
+        shape = (batch, model.in_dim, chunk_frames, lat_h, lat_w)
+        x = noise.chunk_noise(*shape, layout.shard).to(act)
+        for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+            timestep = torch.full((batch, chunk_frames), t, device=device)
+            flow = model(x, timestep, frame_index, layout, caches, False, context_kvs, mode)
+            x0 = x - sigma * flow
+            if i + 1 < len(timesteps):
+                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.chunk_noise(*shape, layout.shard).to(act)
+            bar.update()
+        chunk = sp.gather_tokens(x0, mesh, layout.length)                      # hand the chunk out
+        chunks.append(unpatchify(chunk, chunk_frames, lat_h, lat_w))
+        if on_chunk:
+            on_chunk(len(chunks) - 1, time.perf_counter() - start)
+        if start_frame + chunk_frames < frames:                                # clean-context pass
+            model(x0, torch.zeros(batch, chunk_frames, device=device), frame_index, layout, caches, True,
+                  context_kvs, mode)
+    bar.close()
+    return torch.cat(chunks, dim=2).float()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def save_atomically(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_text(path, model, batch, seed):
+    if path is None:   # random stand-in for umT5 features (a text encoder is not part of this reference)
+        return torch.randn(batch, model.text_len, model.text_dim, generator=torch.Generator().manual_seed(seed + 1))
+    text = torch.load(path, map_location="cpu", weights_only=True)
+    return text[None] if text.dim() == 2 else text
+
+
+def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
+    torch.manual_seed(seed)                              # random weights: the same on every rank
+    model = CausalWanModel(**PRESETS[preset])
+    if checkpoint:
+        load_checkpoint(model, checkpoint, use_ema)
+    return model.to(device, dtype).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
+    parser.add_argument("--height", type=int, default=None, help="video height in pixels (preset default)")
+    parser.add_argument("--width", type=int, default=None, help="video width in pixels (preset default)")
+    parser.add_argument("--window-frames", type=int, default=None, help="local attention window (latent frames)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt (random weights when absent)")
+    parser.add_argument("--use-ema", action="store_true", help="take 'generator_ema' from a Self-Forcing file")
+    parser.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
+    parser.add_argument("--output", default="out/latents.pt")
+    parser.add_argument("--ring", type=int, default=None, help="ring degree (default: most Ulysses the heads allow)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                        help="default bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--mode", choices=fused.MODES, default="fused")
+    args = parser.parse_args()
+    device = sp.init_distributed()
+    preset = PRESETS[args.preset]
+    height, width = args.height or preset["height"], args.width or preset["width"]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], preset["num_heads"], args.ring), device=device)
+    model = build_model(args.preset, dtype, device, args.seed, args.checkpoint, args.use_ema)
+    text = load_text(args.text_embedding, model, 1, args.seed)
+    first_chunk = []
+    t0 = time.perf_counter()
+    latents = generate(model, text, args.frames, height, width, args.seed, mesh, window_frames=args.window_frames,
+                       mode=args.mode, progress=mesh.rank == 0, on_chunk=lambda i, s: first_chunk.append(s))
+    total = time.perf_counter() - t0
+    if mesh.rank == 0:
+        save_atomically({"latents": latents.cpu(), "frames": args.frames, "height": height, "width": width,
+                         "seed": args.seed, "preset": args.preset}, args.output)
+        n_video = video_frames(args.frames)
+        print(f"06_self_forcing_pipeline: {args.preset}, {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x "
+              f"ring {mesh.ring_degree}), {device.type}, {dtype}, {args.frames} latent frames at {height}x{width}")
+        print(f"  first chunk {first_chunk[0] * 1e3:.1f} ms, total {total:.2f} s, {n_video} video frames -> "
+              f"{n_video / total:.1f} FPS; latents {tuple(latents.shape)} saved to {args.output}")
+    sp.finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

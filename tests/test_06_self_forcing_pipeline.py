@@ -1,0 +1,175 @@
+"""Stage 06 properties: the N-rank pipeline equals the single-process pipeline; checkpoints; determinism."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import WORLD_SIZES
+from rank_pool import RankError, get_pool
+
+sp = importlib.import_module("03_sequence_parallel")
+sf = importlib.import_module("06_self_forcing_pipeline")
+
+EXACT64 = 1e-10   # float64: 2 layers x 4 steps x chunks only reorder sums
+TIGHT32 = 2e-5    # float32 latents of size ~3: a few ulps of accumulated reordering
+
+
+def run_pipeline(mesh_shape, frames, height, width, seed, window_frames, dtype=torch.float64, local=False):
+    mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
+    model = sf.build_model("tiny", dtype, "cpu", seed)
+    text = sf.load_text(None, model, 1, seed)
+    return sf.generate(model, text, frames, height, width, seed, mesh, window_frames=window_frames)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@given(data=st.data(), chunks=st.integers(1, 4), height=st.sampled_from([16, 32, 48]),
+       width=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31), windowed=st.booleans())
+def test_pipeline_on_n_ranks_equals_one_process(world_size, data, chunks, height, width, seed, windowed):
+    mesh_shape = data.draw(st.sampled_from(sp.factorizations(world_size, sf.PRESETS["tiny"]["num_heads"])),
+                           label="mesh")
+    frames = 3 * chunks
+    window = data.draw(st.integers(3, 7), label="window_frames") if windowed else None
+    want = run_pipeline(None, frames, height, width, seed, window, local=True)
+    for got in get_pool(world_size).run(run_pipeline, mesh_shape, frames, height, width, seed, window):
+        torch.testing.assert_close(got, want, rtol=0, atol=EXACT64)
+
+
+def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
+    """Raw model forwards over a few chunks with DIFFERENT timesteps per frame (the pipeline always gives a
+    chunk's frames one timestep, which would hide a wrong token -> frame mapping), committing to the cache."""
+    mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
+    model = sf.build_model("tiny", torch.float64, "cpu", seed)
+    gen = torch.Generator().manual_seed(seed)
+    context = model.text_context(torch.randn(1, 5, model.text_dim, generator=gen))
+    table = sf.rope.RopeTable(model.dim // model.num_heads, 3 * chunks, height, width, dtype=torch.float64)
+    caches = [sf.causal.KVCache(3 * chunks * height * width) for _ in model.blocks]
+    outs = []
+    for c in range(chunks):
+        layout = sf.fused.ShardLayout(mesh, table, 3 * c, 3)
+        tokens = torch.randn(1, layout.length, 64, dtype=torch.float64, generator=gen)[:, slice(*layout.shard)]
+        timestep = torch.rand(1, 3, generator=gen, dtype=torch.float64) * 1000
+        frame_index = torch.arange(*layout.shard) // (height * width)
+        with torch.no_grad():
+            outs.append(model(tokens, timestep, frame_index, layout, caches, True, context))
+    return outs
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@given(chunks=st.integers(1, 3), height=st.integers(1, 3), width=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_model_with_per_frame_timesteps_on_n_ranks_equals_one_process(world_size, chunks, height, width, seed):
+    mesh_shape = sp.mesh_shape(world_size, sf.PRESETS["tiny"]["num_heads"])
+    want = run_model_chunks(None, chunks, height, width, seed, local=True)
+    per_rank = get_pool(world_size).run(run_model_chunks, mesh_shape, chunks, height, width, seed)
+    for c in range(chunks):
+        torch.testing.assert_close(torch.cat([outs[c] for outs in per_rank], dim=1), want[c], rtol=0, atol=EXACT64)
+
+
+@pytest.mark.parametrize("world_size, mesh_shape", [(4, (2, 2)), (8, (4, 2))])
+def test_pipeline_float32_on_2d_mesh(world_size, mesh_shape):
+    want = run_pipeline(None, 6, 32, 48, 7, None, torch.float32, local=True)
+    for got in get_pool(world_size).run(run_pipeline, mesh_shape, 6, 32, 48, 7, None, torch.float32):
+        torch.testing.assert_close(got, want, rtol=0, atol=TIGHT32)
+
+
+def test_same_seed_same_latents_bit_for_bit():
+    a = run_pipeline(None, 6, 32, 32, 3, None, torch.float32, local=True)
+    b = run_pipeline(None, 6, 32, 32, 3, None, torch.float32, local=True)
+    c = run_pipeline(None, 6, 32, 32, 4, None, torch.float32, local=True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_schedule_is_self_forcing_warped_list():
+    timesteps, sigmas = sf.warped_timesteps()
+    torch.testing.assert_close(torch.tensor(timesteps, dtype=torch.float64),
+                               torch.tensor([1000, 937.5, 2500 / 3, 625], dtype=torch.float64))
+    assert sigmas == [t / 1000 for t in timesteps]
+
+
+def test_patchify_roundtrip_and_patch_embedding_equals_conv():
+    latents = torch.randn(2, 16, 3, 8, 12, dtype=torch.float64)
+    tokens = sf.patchify(latents)
+    assert tokens.shape == (2, 3 * 4 * 6, 64)
+    assert torch.equal(sf.unpatchify(tokens, 3, 8, 12), latents)
+    model = sf.build_model("tiny", torch.float64, "cpu", 0)
+    conv = model.patch_embedding(latents).flatten(2).transpose(1, 2)            # Wan's way
+    weight = model.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)
+    torch.testing.assert_close(torch.nn.functional.linear(tokens, weight, model.patch_embedding.bias), conv,
+                               rtol=0, atol=1e-12)
+
+
+def test_parameter_names_are_wan_names():
+    names = set(sf.build_model("tiny", torch.float32, "cpu", 0).state_dict())
+    for name in ["patch_embedding.weight", "text_embedding.0.weight", "text_embedding.2.bias", "time_embedding.0.weight",
+                 "time_embedding.2.weight", "time_projection.1.weight", "blocks.0.modulation", "blocks.0.norm3.weight",
+                 "blocks.0.norm3.bias", "blocks.1.self_attn.q.weight", "blocks.1.self_attn.norm_k.weight",
+                 "blocks.1.cross_attn.o.bias", "blocks.1.cross_attn.norm_q.weight", "blocks.0.ffn.0.weight",
+                 "blocks.0.ffn.2.bias", "head.head.weight", "head.modulation"]:
+        assert name in names, name
+    assert not any("norm1" in n or "norm2" in n or "freqs" in n or "rope" in n for n in names)
+
+
+def test_checkpoint_reloads_strictly_in_both_layouts(tmp_path):
+    source = sf.build_model("tiny", torch.float32, "cpu", 1)
+    plain, wrapped = tmp_path / "plain.pt", tmp_path / "self_forcing.pt"
+    torch.save(source.state_dict(), plain)
+    torch.save({"generator": {f"model.{k}": v for k, v in source.state_dict().items()},
+                "generator_ema": {f"model._fsdp_wrapped_module.{k}": v + 1 for k, v in source.state_dict().items()}},
+               wrapped)
+    for path, use_ema, offset in [(plain, False, 0), (wrapped, False, 0), (wrapped, True, 1)]:
+        target = sf.build_model("tiny", torch.float32, "cpu", 2, checkpoint=str(path), use_ema=use_ema)
+        for name, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[name], value + offset), name
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop("blocks.1.cross_attn.k.bias"), r"missing key blocks\.1\.cross_attn\.k\.bias"),
+    (lambda sd: sd.update({"blocks.0.extra": torch.zeros(1)}), r"unexpected key blocks\.0\.extra"),
+    (lambda sd: sd.update({"head.modulation": torch.zeros(1, 3, 48)}),
+     r"wrong shape head\.modulation: checkpoint \(1, 3, 48\) vs model \(1, 2, 48\)"),
+])
+def test_bad_checkpoint_names_the_key(tmp_path, edit, message):
+    state = sf.build_model("tiny", torch.float32, "cpu", 1).state_dict()
+    edit(state)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message):
+        sf.build_model("tiny", torch.float32, "cpu", 1, checkpoint=str(tmp_path / "bad.pt"))
+
+
+def disagreeing_run(what):
+    rank = sp.world()[1]
+    frames = 9 if what == "frames" and rank == 1 else 6
+    seed = 5 if what == "weights" and rank == 2 else 0
+    mesh_shape = (4, 1) if what == "heads" else (2, 2)
+    model = sf.build_model("tiny", torch.float32, "cpu", seed)
+    text = sf.load_text(None, model, 1, 0)
+    width = 40 if what == "width" and rank == 3 else 32
+    sf.generate(model, text, frames, 32, width, 0, sp.SPMesh.get(*mesh_shape))
+
+
+@pytest.mark.parametrize("what, message", [
+    ("frames", r"ranks disagree on frames: \[6, 9, 6, 6\]"),
+    ("weights", r"ranks disagree on weights"),
+    ("width", r"rank 3: height 32 and width 40 must be multiples of 16"),
+])
+def test_bad_or_disagreeing_configuration_raises_on_every_rank(what, message):
+    with pytest.raises(RankError) as info:
+        get_pool(4).run(disagreeing_run, what)
+    messages = info.value.messages
+    assert len(messages) == 4 and len(set(messages.values())) == 1, messages
+    import re
+    assert re.search(message, messages[0]), messages[0]
+
+
+def test_frames_past_the_rope_table_and_bad_windows_are_rejected():
+    model = sf.build_model("tiny", torch.float32, "cpu", 0)
+    text = sf.load_text(None, model, 1, 0)
+    mesh = sp.SPMesh(1, 1, local=True)
+    with pytest.raises(ValueError, match="exceed the RoPE table's 1024 time positions"):
+        sf.generate(model, text, 1026, 16, 16, 0, mesh)
+    with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
+        sf.generate(model, text, 6, 16, 16, 0, mesh, window_frames=2)
+    with pytest.raises(ValueError, match="not a whole number of chunks"):
+        sf.generate(model, text, 7, 16, 16, 0, mesh)
+    with pytest.raises(ValueError, match=r"text embedding is \(1, 16, 31\)"):
+        sf.generate(model, text[..., :31], 6, 16, 16, 0, mesh)
