@@ -95,7 +95,7 @@ def main():
     device = sp.init_distributed()
     mesh = sp.SPMesh.get(ring_degree=1)
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    tol = 1e-12 if dtype == torch.float64 else 1e-2   # bf16 output: one rounding of values of size ~4
+    tol = 1e-12 if dtype == torch.float64 else 4e-2   # bf16 output: values up to ~8, half an ulp there is 1.6e-2
     grid = (args.chunk_frames, args.height, args.width)
     length = args.chunk_frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)
