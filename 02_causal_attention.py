@@ -96,10 +96,6 @@ class KVCache:
     def __init__(self, capacity_tokens, window_tokens=None):
         self.capacity, self.window_tokens = capacity_tokens, window_tokens
         self.kv = None                  # allocated at the first reserve, with the caller's shape/dtype/device
-        self.reset()
-
-    def reset(self):
-        """Empty the cache for a new video, keeping its memory (stage 06 replays CUDA graphs that point at it)."""
         self.length = 0                 # tokens this rank holds
         self.kept_from = 0              # global index of the oldest token still visible
         self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges

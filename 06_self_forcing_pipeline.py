@@ -325,110 +325,54 @@ def attention_backends(device):
         return sdpa_kernel(order)
 
 
-class Runner:
-    """What outlives one video of a given shape on this rank: the RoPE table, the KV caches (emptied per
-    video, memory kept), the text K/V buffers, each chunk's layout and, on GPU with cuda_graphs, one CUDA
-    graph per chunk of its denoising pass.
-
-    Why graphs: at Wan-1.3B shapes Python needs about as long to launch a forward's ~700 kernels as the GPU
-    needs to run them, so the GPU waits on the CPU. A denoising pass has no Python side effects once the
-    chunk's first step has run (that step may evict from a windowed cache, and the clean-context pass
-    commits), so steps 2-4 replay a graph captured on the first video. Later videos of the same shape only
-    replay (the steady state of a streaming server); graphs are not used on CPU (gloo cannot be captured).
-    """
-
-    def __init__(self, model, mesh, frames, height, width, chunk_frames=CHUNK_FRAMES, window_frames=None,
-                 mode="fused", cuda_graphs=False):
-        self.model, self.mesh, self.frames, self.mode = model, mesh, frames, mode
-        self.device = mesh.device if mesh.world_size > 1 else next(model.parameters()).device
-        self.lat_h, self.lat_w, self.chunk_frames, self.window_frames = (height // VAE_STRIDE, width // VAE_STRIDE,
-                                                                          chunk_frames, window_frames)
-        self.table = rope_table(model.dim // model.num_heads, frames, self.lat_h // PATCH[1],
-                                self.lat_w // PATCH[2], self.device)
-        tpf = self.table.tokens_per_frame
-        window_tokens = None if window_frames is None else window_frames * tpf
-        self.caches = [causal.KVCache(window_tokens or frames * tpf, window_tokens) for _ in model.blocks]
-        self.layouts = {}           # start_frame -> (ShardLayout, frame_index): the same tensors every video
-        self.context_kvs = None
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs, self.pool = {}, None
-
-    def start_video(self, text):
-        for cache in self.caches:
-            cache.reset()
-        context_kvs = self.model.text_context(text.to(self.device))
-        if self.context_kvs is None:
-            self.context_kvs = context_kvs
-        else:                       # copy into the buffers the graphs read
-            for old, new in zip(self.context_kvs, context_kvs):
-                for o, n in zip(old, new):
-                    o.copy_(n)
-
-    def layout(self, start_frame):
-        if start_frame not in self.layouts:
-            layout = fused.ShardLayout(self.mesh, self.table, start_frame, self.chunk_frames)
-            frame_index = torch.arange(*layout.shard, device=self.device) // self.table.tokens_per_frame
-            self.layouts[start_frame] = (layout, frame_index)
-        return self.layouts[start_frame]
-
-    def forward(self, x, timestep, start_frame, commit=False, replay=False):
-        """The model on this rank's shard of chunk `start_frame`; replay=True: from this chunk's CUDA graph
-        (captured on first use). A replayed result lives in the graph's buffer until the next replay."""
-        layout, frame_index = self.layout(start_frame)
-        run = lambda x_, t_: self.model(x_, t_, frame_index, layout, self.caches, commit, self.context_kvs, self.mode)
-        if not (replay and self.cuda_graphs) or commit:
-            return run(x, timestep)
-        if start_frame not in self.graphs:
-            static_x, static_t = x.clone(), timestep.clone()
-            self.pool = self.pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = run(static_x, static_t)
-            self.graphs[start_frame] = (graph, static_x, static_t, static_out)
-        graph, static_x, static_t, static_out = self.graphs[start_frame]
-        static_x.copy_(x)
-        static_t.copy_(timestep)
-        graph.replay()
-        return static_out
-
-
 @torch.no_grad()
 def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_FRAMES, window_frames=None,
-             mode="fused", progress=False, on_chunk=None, runner=None):
+             mode="fused", progress=False, on_chunk=None):
     """Generate `frames` latent frames of a height x width (video pixels) video on the mesh's ranks.
     text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] (float32) on every rank.
-    on_chunk(index, seconds since the call) is called as each chunk is handed out. Pass the same `runner`
-    (a Runner of this shape) to reuse caches and CUDA graphs across videos."""
-    start = time.perf_counter()
+    on_chunk(index, seconds since the chunk loop began) is called as each chunk is handed out."""
     validate(model, mesh, frames, height, width, chunk_frames, window_frames, text)
-    runner = runner or Runner(model, mesh, frames, height, width, chunk_frames, window_frames, mode)
-    runner.start_video(text)
-    device, batch = runner.device, text.shape[0]
+    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    table = rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    tpf = table.tokens_per_frame
+    window_tokens = None if window_frames is None else window_frames * tpf
+    caches = [causal.KVCache(window_tokens or frames * tpf, window_tokens) for _ in model.blocks]
+    context_kvs = model.text_context(text.to(device))
     noise = Generator(seed, device)
-    timesteps, sigmas = warped_timesteps()
-    act = torch.promote_types(model.dtype, torch.float32)
-    shape = (batch, model.in_dim, chunk_frames, runner.lat_h, runner.lat_w)
-    chunks = []
-    bar = tqdm(total=(frames // chunk_frames) * len(timesteps), disable=not progress, desc="denoising", unit="step")
+    chunks, start = [], time.perf_counter()
+    bar = tqdm(total=(frames // chunk_frames) * len(DENOISING_STEPS), disable=not progress, desc="denoising", unit="step")
     with attention_backends(device):
         for start_frame in range(0, frames, chunk_frames):
-            layout, _ = runner.layout(start_frame)
-            x = noise.chunk_noise(*shape, layout.shard).to(act)
-            for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):    # denoising: reads the cache, keeps nothing
-                flow = runner.forward(x, torch.full((batch, chunk_frames), t, device=device), start_frame,
-                                      replay=i > 0)
-                x0 = x - sigma * flow                                   # the model predicts the flow
-                if i + 1 < len(timesteps):
-                    x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.chunk_noise(*shape, layout.shard).to(act)
-                bar.update()
+            layout = fused.ShardLayout(mesh, table, start_frame, chunk_frames)
+            frame_index = torch.arange(*layout.shard, device=device) // tpf
+            x0 = denoise_chunk(model, layout, frame_index, caches, context_kvs, noise, batch, lat_h, lat_w, mode, bar)
             chunk = sp.gather_tokens(x0, mesh, layout.length)                         # hand the chunk out
-            chunks.append(unpatchify(chunk, chunk_frames, runner.lat_h, runner.lat_w))
+            chunks.append(unpatchify(chunk, chunk_frames, lat_h, lat_w))
             if on_chunk:
                 on_chunk(len(chunks) - 1, time.perf_counter() - start)
-            if start_frame + chunk_frames < frames:   # clean-context pass: K/V of x0 at t=0 become the cache
-                runner.forward(x0, torch.zeros(batch, chunk_frames, device=device), start_frame, commit=True)
+            if start_frame + chunk_frames < frames:   # clean-context pass (none after the last chunk)
+                model(x0, torch.zeros(batch, chunk_frames, device=device), frame_index, layout, caches, True,
+                      context_kvs, mode)
     bar.close()
     return torch.cat(chunks, dim=2).float()
+
+
+def denoise_chunk(model, layout, frame_index, caches, context_kvs, noise, batch, lat_h, lat_w, mode, bar):
+    """The 4 denoising steps of one chunk on this rank's shard (reading the cache, keeping nothing).
+    Returns x0 [B, n_local, 64]."""
+    device, act = noise.device, torch.promote_types(model.dtype, torch.float32)
+    timesteps, sigmas = warped_timesteps()
+    shape = (batch, model.in_dim, layout.num_frames, lat_h, lat_w)
+    x = noise.chunk_noise(*shape, layout.shard).to(act)
+    for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+        timestep = torch.full((batch, layout.num_frames), t, device=device)
+        flow = model(x, timestep, frame_index, layout, caches, False, context_kvs, mode)
+        x0 = x - sigma * flow
+        if i + 1 < len(timesteps):
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.chunk_noise(*shape, layout.shard).to(act)
+        bar.update()
+    return x0
 
 
 # ----------------------------------------------------------------------------- command line
@@ -481,7 +425,7 @@ def bench_main(args, device, mesh, dtype):
     text = load_text(None, model, 1, args.seed).to(device)     # as a GPU text encoder would hand it over
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(model.dim // model.num_heads, args.frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    table = rope_table(model.dim // model.num_heads, args.frames, lat_h // 2, lat_w // 2, device)
     layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
     with torch.no_grad(), attention_backends(device):
         context_kvs = model.text_context(text.to(device))
@@ -491,13 +435,12 @@ def bench_main(args, device, mesh, dtype):
         no_cache = [None] * len(model.blocks)
         forward_ms = crsp.time_ms(lambda: model(x, timestep, frame_index, layout, no_cache, False, context_kvs),
                                   device, warmup=args.warmup, repeats=args.repeats)
-    runner = Runner(model, mesh, args.frames, height, width, mode=args.mode, cuda_graphs=not args.no_cuda_graphs)
     runs = []
     for r in range(args.warmup_videos + args.video_repeats):
         marks = []
         sync()
         t0 = time.perf_counter()
-        generate(model, text, args.frames, height, width, args.seed, mesh, mode=args.mode, runner=runner,
+        generate(model, text, args.frames, height, width, args.seed, mesh, mode=args.mode,
                  on_chunk=lambda i, s: (sync(), marks.append(time.perf_counter() - t0)))
         sync()
         runs.append((marks[0], time.perf_counter() - t0))
@@ -528,9 +471,7 @@ def main():
                         help="time chunk forward, first chunk, whole video (random weights; use --preset wan-1.3b)")
     parser.add_argument("--warmup", type=int, default=3, help="bench: untimed chunk forwards")
     parser.add_argument("--repeats", type=int, default=20, help="bench: timed chunk forwards")
-    parser.add_argument("--warmup-videos", type=int, default=1,
-                        help="bench: untimed videos (compilation, CUDA graph capture)")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="bench: launch every kernel from Python")
+    parser.add_argument("--warmup-videos", type=int, default=1, help="bench: untimed videos (compilation)")
     parser.add_argument("--video-repeats", type=int, default=3, help="bench: timed videos")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
