@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 # Multi-process examples take a variable time: no deadline. Examples stay few but varied; the
 # distributed properties run on pools of ranks that outlive the examples.
-settings.register_profile("default", deadline=None, max_examples=12, print_blob=True,
+settings.register_profile("default", deadline=None, max_examples=25, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

@@ -15,23 +15,25 @@ EXACT64 = 1e-10   # float64: 2 layers x 4 steps x chunks only reorder sums
 TIGHT32 = 2e-5    # float32 latents of size ~3: a few ulps of accumulated reordering
 
 
-def run_pipeline(mesh_shape, frames, height, width, seed, window_frames, dtype=torch.float64, local=False):
+def run_pipeline(mesh_shape, frames, height, width, seed, window_frames, dtype=torch.float64, local=False, batch=1):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", dtype, "cpu", seed)
-    text = sf.load_text(None, model, 1, seed)
+    text = sf.load_text(None, model, batch, seed)
     return sf.generate(model, text, frames, height, width, seed, mesh, window_frames=window_frames)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @given(data=st.data(), chunks=st.integers(1, 4), height=st.sampled_from([16, 32, 48]),
-       width=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31), windowed=st.booleans())
-def test_pipeline_on_n_ranks_equals_one_process(world_size, data, chunks, height, width, seed, windowed):
+       width=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31), windowed=st.booleans(),
+       batch=st.integers(1, 2))
+def test_pipeline_on_n_ranks_equals_one_process(world_size, data, chunks, height, width, seed, windowed, batch):
     mesh_shape = data.draw(st.sampled_from(sp.factorizations(world_size, sf.PRESETS["tiny"]["num_heads"])),
                            label="mesh")
     frames = 3 * chunks
     window = data.draw(st.integers(3, 7), label="window_frames") if windowed else None
-    want = run_pipeline(None, frames, height, width, seed, window, local=True)
-    for got in get_pool(world_size).run(run_pipeline, mesh_shape, frames, height, width, seed, window):
+    want = run_pipeline(None, frames, height, width, seed, window, local=True, batch=batch)
+    assert want.shape == (batch, 16, frames, height // 8, width // 8)
+    for got in get_pool(world_size).run(run_pipeline, mesh_shape, frames, height, width, seed, window, batch=batch):
         torch.testing.assert_close(got, want, rtol=0, atol=EXACT64)
 
 
