@@ -81,22 +81,16 @@ class ShardLayout:
 
 def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
     """q, k, v [B, n, dim] (projections) -> send buffer [U, n, 3, B, heads/U, D]: RMSNorm and RoPE on q/k
-    and the per-destination layout in one pass (once compiled)."""
+    and the per-destination layout in one pass (once compiled). v=None packs Q/K only ([U, n, 2, ...]):
+    the overlap mode sends V on its own, earlier."""
     B, n, dim = q.shape
     D, U = dim // heads, ulysses_degree
-    q = rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin)
-    k = rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)
-    qkv = torch.stack([q, k, v.view(B, n, heads, D)])                 # [3, B, n, H, D]
-    return qkv.view(3, B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
-
-
-def pack_qk(q, k, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
-    """pack_qkv without V (the overlap mode sends V on its own, earlier): [U, n, 2, B, heads/U, D]."""
-    B, n, dim = q.shape
-    D, U = dim // heads, ulysses_degree
-    q = rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin)
-    k = rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)
-    return torch.stack([q, k]).view(2, B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
+    parts = [rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin),
+             rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)]
+    if v is not None:
+        parts.append(v.view(B, n, heads, D))
+    packed = torch.stack(parts)                                       # [3 or 2, B, n, H, D]
+    return packed.view(len(parts), B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
 
 
 _compiled = {}
@@ -149,7 +143,7 @@ class CausalSelfAttention(nn.Module):
             q_tm, kv = recv[:, 0], recv[:, 1:]
         elif mode == "overlap":
             v_tm, v_work = sp.seq_to_heads(v.unflatten(-1, (H, -1)), mesh, layout.length, async_op=True)
-            recv = self.exchange(on_device(pack_qk, x)(q, k, *norms), layout)  # V travels meanwhile
+            recv = self.exchange(on_device(pack_qkv, x)(q, k, None, *norms), layout)  # V travels meanwhile
             if v_work is not None:
                 v_work.wait()
             q_tm, kv = recv[:, 0], torch.stack([recv[:, 1], v_tm], dim=1)
