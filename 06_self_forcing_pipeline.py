@@ -26,7 +26,7 @@ The model
 
 Shapes (wan-1.3b, 480x832)
     latents:  [batch, 16, frames, 60, 104]   -> tokens [batch, frames * 1560, 64]; a chunk is 4680 tokens
-    x per rank: [batch, n_local, 1536] residual stream (float32), linear layers in the model dtype
+    x per rank: [batch, n_local, 1536] residual stream in the model dtype (bf16 on GPU, as upstream)
     text: [batch, 512, 4096] umT5 features -> per block cross-attention K/V [batch, 12, 512, 128]
 
 Run
@@ -198,15 +198,17 @@ class CausalWanModel(nn.Module):
     def forward(self, tokens, timestep, frame_index, layout, caches, commit, context_kvs, mode="fused"):
         """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk.
         Returns the predicted flow [B, n_local, 64] in float32 (or float64)."""
-        act = torch.promote_types(self.dtype, torch.float32)          # residual stream and modulation
+        # The residual stream and the modulation stay in the model dtype (bf16 on GPU), as upstream runs the
+        # generator; norms compute in float32 inside. The flow comes back at least in float32 for the loop.
         weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)      # conv as a linear layer
-        x = F.linear(tokens.to(self.dtype), weight, self.patch_embedding.bias).to(act)
+        x = F.linear(tokens.to(self.dtype), weight, self.patch_embedding.bias)
         t = sinusoidal_embedding(self.freq_dim, timestep.flatten()).to(self.dtype)
         e = self.time_embedding(t)                                                    # [B*F, dim]
-        e6 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(0, timestep.shape).to(act)
+        e6 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(0, timestep.shape)
         for block, cache, context_kv in zip(self.blocks, caches, context_kvs):
             x = block(x, e6, frame_index, layout, cache, commit, context_kv, mode)
-        return self.head(x, e.unflatten(0, timestep.shape).to(act), frame_index).to(act)
+        flow = self.head(x, e.unflatten(0, timestep.shape), frame_index)
+        return flow.to(torch.promote_types(self.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- checkpoints
