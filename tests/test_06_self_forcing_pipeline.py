@@ -100,6 +100,19 @@ def test_patchify_roundtrip_and_patch_embedding_equals_conv():
                                rtol=0, atol=1e-12)
 
 
+def test_text_context_equals_each_blocks_own_projection():
+    model = sf.build_model("tiny", torch.float64, "cpu", 0)
+    for p in model.parameters():  # norm weights start at ones: make them matter
+        torch.nn.init.normal_(p, std=0.3)
+    text = torch.randn(2, 5, model.text_dim, dtype=torch.float64)
+    context = model.text_embedding(torch.nn.functional.pad(text, (0, 0, 0, model.text_len - 5)))
+    for (k, v), block in zip(model.text_context(text), model.blocks):
+        a = block.cross_attn
+        split = lambda t: t.unflatten(-1, (model.num_heads, -1)).transpose(1, 2)
+        torch.testing.assert_close(k, split(a.norm_k(a.k(context))), rtol=0, atol=1e-12)
+        torch.testing.assert_close(v, split(a.v(context)), rtol=0, atol=1e-12)
+
+
 def test_parameter_names_are_wan_names():
     names = set(sf.build_model("tiny", torch.float32, "cpu", 0).state_dict())
     for name in ["patch_embedding.weight", "text_embedding.0.weight", "text_embedding.2.bias", "time_embedding.0.weight",
