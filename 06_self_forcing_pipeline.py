@@ -474,10 +474,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true",
                         help="time chunk forward, first chunk, whole video (random weights; use --preset wan-1.3b)")
-    parser.add_argument("--warmup", type=int, default=3, help="bench: untimed chunk forwards")
+    parser.add_argument("--warmup", type=int, default=10, help="bench: untimed chunk forwards")
     parser.add_argument("--repeats", type=int, default=20, help="bench: timed chunk forwards")
     parser.add_argument("--warmup-videos", type=int, default=1, help="bench: untimed videos (compilation)")
-    parser.add_argument("--video-repeats", type=int, default=3, help="bench: timed videos")
+    parser.add_argument("--video-repeats", type=int, default=5, help="bench: timed videos")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (preset default)")
