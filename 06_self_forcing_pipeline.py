@@ -276,7 +276,7 @@ def video_frames(latent_frames):
     return 4 * (latent_frames - 1) + 1
 
 
-class Generator:
+class NoiseSource:
     """Noise for the whole run from one seeded stream, drawn in a fixed order on every rank (so all ranks
     and the single-process run see the same numbers); each rank keeps its shard."""
 
@@ -344,7 +344,7 @@ def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_
     window_tokens = None if window_frames is None else window_frames * tpf
     caches = [causal.KVCache(window_tokens or frames * tpf, window_tokens) for _ in model.blocks]
     context_kvs = model.text_context(text.to(device))
-    noise = Generator(seed, device)
+    noise = NoiseSource(seed, device)
     chunks, start = [], time.perf_counter()
     bar = tqdm(total=(frames // chunk_frames) * len(DENOISING_STEPS), disable=not progress, desc="denoising", unit="step")
     with attention_backends(device):
