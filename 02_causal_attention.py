@@ -50,10 +50,18 @@ def fast_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def check_window(window_frames, chunk_frames):
+def window_problem(window_frames, chunk_frames):
+    """What is wrong with a local window (a message), or None."""
     if window_frames is not None and window_frames < chunk_frames:
-        raise ValueError(f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}: "
-                         "a chunk must at least see itself")
+        return (f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}: "
+                "a chunk must at least see itself")
+    return None
+
+
+def check_window(window_frames, chunk_frames):
+    problem = window_problem(window_frames, chunk_frames)
+    if problem:
+        raise ValueError(problem)
 
 
 def block_causal_mask(num_frames, tokens_per_frame, chunk_frames, window_frames=None):

@@ -298,16 +298,14 @@ def attend_heads(q_tm, kv, mesh, chunk, cache=None, commit=False):
     """After the Ulysses exchange: q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D] (cache
     and chunk; ring-parallel over the mesh's ring groups); then back to this rank's token shard."""
     length = chunk[1] - chunk[0]
-    own = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
-    if cache is None:
-        lengths = own
-    else:
-        lengths = [cache.held_length(lambda c, j=j: ring_shard_of(mesh, c, j)) + own[j]
-                   for j in range(mesh.ring_degree)]
     q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
         out = causal.fast_attention(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))
-    else:
+    else:                           # every ring rank's K/V length: cached part (if any) + its chunk shard
+        lengths = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
+        if cache is not None:
+            lengths = [cache.held_length(lambda c, j=j: ring_shard_of(mesh, c, j)) + n
+                       for j, n in enumerate(lengths)]
         out = ring_attention(q, kv, mesh, lengths)
     if cache is not None and commit:
         cache.commit()

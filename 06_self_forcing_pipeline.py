@@ -135,14 +135,13 @@ class Block(nn.Module):
         return self.ffn[2](hidden.unflatten(0, h.shape[:2]))
 
     def pre_attention(self, x, e, frame_index):
-        return self.modulated(self.norm1, x, e, frame_index, 0).to(self.modulation.dtype)
+        return self.modulated(self.norm1, x, e, frame_index, 0)
 
     def post_attention(self, x, y, e, frame_index, context_kv):
         """Everything after self-attention: gated residual, cross-attention, modulated FFN."""
         x = x + y * self.gate(e, frame_index, 2)
-        x = x + self.cross_attn(self.norm3(x).to(self.modulation.dtype), context_kv)
-        h = self.modulated(self.norm2, x, e, frame_index, 3).to(self.modulation.dtype)
-        return x + self.feed_forward(h) * self.gate(e, frame_index, 5)
+        x = x + self.cross_attn(self.norm3(x), context_kv)
+        return x + self.feed_forward(self.modulated(self.norm2, x, e, frame_index, 3)) * self.gate(e, frame_index, 5)
 
     def forward(self, x, e, frame_index, layout, cache, commit, context_kv, mode="fused"):
         h = fused.on_device(Block.pre_attention, x)(self, x, e, frame_index)
@@ -160,7 +159,7 @@ class Head(nn.Module):
     def forward(self, x, e, frame_index):
         shift, scale = (self.modulation[None] + e[:, :, None]).unbind(2)          # [B, F, dim]
         h = self.norm(x) * (1 + scale[:, frame_index]) + shift[:, frame_index]
-        return self.head(h.to(self.head.weight.dtype))
+        return self.head(h)
 
 
 class CausalWanModel(nn.Module):
@@ -292,20 +291,19 @@ class NoiseSource:
 def validate(model, mesh, frames, height, width, chunk_frames, window_frames, text):
     """Every rank checks the run's configuration, then all agree (same error everywhere, before any data
     collective): also catches ranks that were given different settings or different weights."""
-    problem = None
     lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    if height % (VAE_STRIDE * PATCH[1]) or width % (VAE_STRIDE * PATCH[2]):
-        problem = f"height {height} and width {width} must be multiples of {VAE_STRIDE * PATCH[1]}"
-    elif frames < 1 or frames % chunk_frames:
-        problem = f"{frames} latent frames are not a whole number of chunks of {chunk_frames}"
-    elif frames > rope.MAX_TIME_POSITIONS:
-        problem = f"{frames} latent frames exceed the RoPE table's {rope.MAX_TIME_POSITIONS} time positions"
-    elif window_frames is not None and window_frames < chunk_frames:
-        problem = f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}"
-    elif text.dim() != 3 or text.shape[2] != model.text_dim or text.shape[1] > model.text_len:
-        problem = f"text embedding is {tuple(text.shape)}, expected [batch, <= {model.text_len}, {model.text_dim}]"
-    else:
-        problem = mesh.heads_problem(model.num_heads)
+    checks = [
+        (height % (VAE_STRIDE * PATCH[1]) or width % (VAE_STRIDE * PATCH[2]))
+        and f"height {height} and width {width} must be multiples of {VAE_STRIDE * PATCH[1]}",
+        (frames < 1 or frames % chunk_frames) and f"{frames} latent frames are not a whole number of chunks of {chunk_frames}",
+        frames > rope.MAX_TIME_POSITIONS
+        and f"{frames} latent frames exceed the RoPE table's {rope.MAX_TIME_POSITIONS} time positions",
+        causal.window_problem(window_frames, chunk_frames),
+        (text.dim() != 3 or text.shape[2] != model.text_dim or text.shape[1] > model.text_len)
+        and f"text embedding is {tuple(text.shape)}, expected [batch, <= {model.text_len}, {model.text_dim}]",
+        mesh.heads_problem(model.num_heads),
+    ]
+    problem = next((c for c in checks if c), None)                    # the first thing wrong, if any
     sp.agree(mesh.device, "Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
              chunk_frames=chunk_frames, window_frames=window_frames or 0, batch=text.shape[0] if text.dim() else -1,
              weights=parameter_fingerprint(model) if mesh.world_size > 1 else 0)
