@@ -225,12 +225,12 @@ def bench_main(args, device):
         compiled_rope = on_device(crsp.causal_rope_sp, q_local)
         rows.append(("RoPE: Causal-RoPE SP, table slice, compiled", bench(
             lambda: compiled_rope(q_local, table, args.start_frame, args.chunk_frames, layout.shard))))
-        if mesh.ulysses_degree > 1:
-            q4 = q_local.view(1, layout.n_local, H, D)
+        if mesh.ulysses_degree > 1:   # the exchanges alone: both sides send buffers already packed
             send = torch.randn(mesh.ulysses_degree * layout.n_local, 3, 1, H // mesh.ulysses_degree, D,
                                device=device, dtype=dtype)
+            singles = [send[:, i].contiguous() for i in range(3)]
             rows.append(("Q/K/V exchange: three all-to-alls", bench(
-                lambda: [sp.seq_to_heads(q4, mesh, layout.length) for _ in range(3)])))
+                lambda: [sp.exchange_rows(t, mesh, layout.length) for t in singles])))
             rows.append(("Q/K/V exchange: one fused all-to-all", bench(
                 lambda: sp.exchange_rows(send, mesh, layout.length))))
         for mode in MODES:
