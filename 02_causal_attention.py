@@ -96,9 +96,11 @@ class KVCache:
     anywhere (stage 03's ring needs its peers' lengths); `held` says which part of each chunk this rank
     stores (all of it here, a sequence shard under ring attention in stage 03).
 
-    One pass over a chunk: `reserve` evicts what the window no longer shows and hands out the slots after
-    the cached tokens; the caller writes the chunk's k/v there and attends over the returned view. Only
-    `commit` makes the chunk part of the cache; an uncommitted pass (a denoising step) leaves it as it was.
+    One pass over a chunk: `reserve` evicts what the window no longer shows (`make_room`) and hands out the
+    slots after the cached tokens; the caller writes the chunk's k/v there and attends over the returned
+    view. Only `commit(chunk)` makes the chunk part of the cache; an uncommitted pass (a denoising step)
+    leaves it as it was. The storage is allocated once, at full capacity, and never moves (stage 06 replays
+    CUDA graphs that read it); `reset` empties the cache for the next video and keeps the storage.
     """
 
     def __init__(self, capacity_tokens, window_tokens=None):
@@ -107,7 +109,10 @@ class KVCache:
         self.length = 0                 # tokens this rank holds
         self.kept_from = 0              # global index of the oldest token still visible
         self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges
-        self.pending = None
+
+    def reset(self):
+        """Forget every chunk (the next video starts empty); the storage stays where it is."""
+        self.length, self.kept_from, self.chunks, self.held = 0, 0, [], []
 
     def held_length(self, shard_of=lambda chunk: chunk):
         """Tokens held by the rank whose part of a chunk is shard_of(chunk)."""
@@ -123,6 +128,15 @@ class KVCache:
             self.length = keep
         self.kept_from = cutoff
 
+    def make_room(self, chunk):
+        """Evict what a window no longer shows once `chunk` (global range) is generated. Idempotent: every
+        pass over the chunk may call it, and only the first moves anything."""
+        if self.window_tokens is not None:
+            if chunk[1] - chunk[0] > self.window_tokens:
+                raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
+                                 f"of {self.window_tokens}")
+            self.evict_until(chunk[1] - self.window_tokens)
+
     def reserve(self, like, chunk, held=None):
         """Slots for this rank's `held` tokens (global range, default the whole `chunk`) of `chunk`.
         like: a token-major [n, B, H, D] tensor giving shape/dtype/device. Returns (slot, kv): write the
@@ -131,11 +145,7 @@ class KVCache:
         n = held[1] - held[0]
         if like.shape[0] != n:
             raise ValueError(f"KVCache: {like.shape[0]} tokens given for a held range of {n}")
-        if self.window_tokens is not None:
-            if chunk[1] - chunk[0] > self.window_tokens:
-                raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
-                                 f"of {self.window_tokens}")
-            self.evict_until(chunk[1] - self.window_tokens)
+        self.make_room(chunk)
         if self.kv is None:
             self.kv = like.new_empty(self.capacity, 2, *like.shape[1:])
         elif like.shape[1:] != self.kv.shape[2:]:
@@ -143,7 +153,6 @@ class KVCache:
         end = self.length + n
         if end > self.capacity:
             raise ValueError(f"KVCache: {end} tokens exceed the capacity of {self.capacity}")
-        self.pending = (chunk, held)
         return self.kv[self.length:end], self.kv[:end]
 
     def extend(self, k, v, chunk, held=None):
@@ -153,12 +162,12 @@ class KVCache:
         slot[:, 1] = v
         return kv
 
-    def commit(self):
-        chunk, held = self.pending
+    def commit(self, chunk, held=None):
+        """Keep the k/v that the last pass over `chunk` wrote into its slots (this rank's `held` part)."""
+        held = held or chunk
         self.chunks.append(chunk)
         self.held.append(held)
         self.length += held[1] - held[0]
-        self.pending = None
 
 
 def chunk_attention(q, k, v, cache, chunk, commit=True, attend=fast_attention):
@@ -168,7 +177,7 @@ def chunk_attention(q, k, v, cache, chunk, commit=True, attend=fast_attention):
     kv = cache.extend(k, v, chunk)
     out = attend(heads_major(q), heads_major(kv[:, 0]), heads_major(kv[:, 1]))
     if commit:
-        cache.commit()
+        cache.commit(chunk)
     return out
 
 

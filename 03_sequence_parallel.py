@@ -20,6 +20,11 @@ The idea
     Bad configurations (heads not divisible by U, U x R != world, ranks disagreeing on shapes) raise the
     same ValueError on every rank before any data collective, so nothing hangs.
 
+    The all-to-all itself is one function (ulysses_all_to_all) with two implementations: the process
+    group's all_to_all_single (NCCL on GPU, gloo on CPU), or, on GPUs, SymmetricExchange: peer copies into
+    buffers that every rank of the group can write (torch's symmetric memory), between two device-side
+    barriers. The second has no host-side bookkeeping, which matters once stage 06 captures CUDA graphs.
+
 Shapes
     q, k, v per rank (in/out):     [batch, n_local, heads, head_dim]
     after seq_to_heads:            [n_ring_shard, batch, heads / U, head_dim]  (token-major: what each
@@ -140,6 +145,13 @@ class SPMesh:
                                            for j in range(ring_degree)], self.ring_rank)
         self.ring_group = self._groups([[j * ulysses_degree + i for j in range(ring_degree)]
                                         for i in range(ulysses_degree)], self.ulysses_rank)
+        self.symmetric = None       # a SymmetricExchange once use_symmetric_memory() chose it
+
+    def use_symmetric_memory(self):
+        """Make the Ulysses all-to-alls peer copies into symmetric memory instead of NCCL calls (GPU only;
+        collective: every rank of the job calls it). Ring steps stay NCCL sends and receives."""
+        if self.ulysses_degree > 1 and self.symmetric is None:
+            self.symmetric = SymmetricExchange(self)
 
     def _groups(self, all_ranks, mine):
         """Every rank creates every group (new_group is collective); returns this rank's group."""
@@ -168,17 +180,28 @@ class SPMesh:
 
 # ----------------------------------------------------------------------------- Ulysses all-to-all
 
-def exchange_rows(send, mesh, length, async_op=False):
-    """The Ulysses all-to-all: send [U * n_local, ...] holds, for each group member in turn, the n_local rows
-    meant for it; returns recv [n_ring_shard, ...], member r's rows at member r's token offset (uneven
-    sizes are uneven splits, no padding). With async_op, returns (recv, work): recv is valid after work.wait()."""
-    U = mesh.ulysses_degree
-    n = send.shape[0] // U
-    sizes = mesh.ulysses_sizes(length)
-    recv = send.new_empty(sum(sizes), *send.shape[1:])
-    work = dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[n] * U,
+def ulysses_all_to_all(send, rows, mesh, async_op=False):
+    """The Ulysses group's all-to-all of rows (dim 0). rows[s][p] is how many rows member s sends member p,
+    the same matrix on every rank: send [sum(rows[me]), ...] holds this rank's rows for member 0, 1, ...
+    in turn; the result [sum_s rows[s][me], ...] holds the rows from member 0, 1, ... in turn (uneven
+    sizes are uneven splits, no padding). NCCL/gloo's all_to_all_single, or the mesh's SymmetricExchange
+    once `use_symmetric_memory` chose it. With async_op, returns (recv, work): valid after work.wait()
+    (work is None where the exchange is already in stream order)."""
+    me = mesh.ulysses_rank
+    if mesh.symmetric is not None:
+        recv = mesh.symmetric(send, rows)
+        return (recv, None) if async_op else recv
+    recv = send.new_empty(sum(r[me] for r in rows), *send.shape[1:])
+    work = dist.all_to_all_single(recv, send, output_split_sizes=[r[me] for r in rows], input_split_sizes=rows[me],
                                   group=mesh.ulysses_group, async_op=async_op)
     return (recv, work) if async_op else recv
+
+
+def exchange_rows(send, mesh, length, async_op=False):
+    """Tokens to heads: send [U * n_local, ...] holds, for each group member in turn, the n_local rows meant
+    for it; returns recv [n_ring_shard, ...], member s's rows at member s's token offset."""
+    sizes = mesh.ulysses_sizes(length)
+    return ulysses_all_to_all(send, [[n] * len(sizes) for n in sizes], mesh, async_op)  # s sends its n_s rows to all
 
 
 def seq_to_heads(x, mesh, length, async_op=False):
@@ -188,7 +211,9 @@ def seq_to_heads(x, mesh, length, async_op=False):
     if U == 1:
         return (x.transpose(0, 1), None) if async_op else x.transpose(0, 1)
     B, n, H, D = x.shape
-    send = x.reshape(B, n, U, H // U, D).permute(2, 1, 0, 3, 4).reshape(U * n, B, H // U, D)  # [U*n, B, Hu, D]
+    send = (x.reshape(B, n, U, H // U, D)               # [B, n, U, Hu, D]: head groups, one per member
+            .permute(2, 1, 0, 3, 4)                      # [U, n, B, Hu, D]: member-major
+            .reshape(U * n, B, H // U, D))               # [U*n, B, Hu, D]: member p's rows are p*n..p*n+n-1
     return exchange_rows(send, mesh, length, async_op)
 
 
@@ -198,12 +223,57 @@ def heads_to_seq(x, mesh, length):
     if U == 1:
         return x.transpose(0, 1)
     _, B, Hu, D = x.shape
-    first, end = mesh.token_shard(length)
-    n = end - first
-    recv = x.new_empty(U * n, B, Hu, D)
-    dist.all_to_all_single(recv, x.contiguous(), output_split_sizes=[n] * U,
-                           input_split_sizes=mesh.ulysses_sizes(length), group=mesh.ulysses_group)
-    return recv.view(U, n, B, Hu, D).permute(2, 1, 0, 3, 4).reshape(B, n, U * Hu, D)
+    sizes = mesh.ulysses_sizes(length)
+    n = sizes[mesh.ulysses_rank]
+    recv = ulysses_all_to_all(x.contiguous(), [sizes] * U, mesh)    # s sends member p p's tokens: [U*n, B, Hu, D]
+    return (recv.view(U, n, B, Hu, D)                    # [U, n, B, Hu, D]: head group s from member s
+            .permute(2, 1, 0, 3, 4)                      # [B, n, U, Hu, D]
+            .reshape(B, n, U * Hu, D))                   # [B, n, H, D]
+
+
+class SymmetricExchange:
+    """The Ulysses all-to-all as direct writes into the peers' memory (CUDA only, needs NVLink or PCIe peer
+    access): every rank owns a receive buffer in symmetric memory (torch.distributed._symmetric_memory),
+    which every member of its group can write. An exchange is: a device-side barrier (peers have finished
+    reading the last exchange), one copy per peer of the rows meant for it, into that peer's buffer at this
+    rank's offset, a second barrier (every write into my buffer has landed), and one copy out. All of it is
+    kernels on the current stream, with no host-side bookkeeping: cheap to launch and safe to capture in a
+    CUDA graph. Buffers are allocated (collectively) when an exchange needs more room than any earlier one,
+    and kept, so graphs captured earlier stay valid."""
+
+    def __init__(self, mesh):
+        from torch.distributed import _symmetric_memory
+        self.symm_mem, self.mesh = _symmetric_memory, mesh
+        group = mesh.ulysses_group
+        self.group_name = group.group_name
+        self.buffers = []       # (bytes, handle, this rank's buffer), growing; none is ever freed
+        self.views = {}         # (buffer index, dtype) -> every member's buffer as a flat tensor of dtype
+
+    def _buffer(self, nbytes, device):
+        if not self.buffers or self.buffers[-1][0] < nbytes:
+            local = self.symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+            self.buffers.append((nbytes, self.symm_mem.rendezvous(local, self.group_name), local))
+        return len(self.buffers) - 1
+
+    def __call__(self, send, rows):
+        me, U = self.mesh.ulysses_rank, self.mesh.ulysses_degree
+        row = send[0].numel()                                          # elements per row
+        most = max(sum(r[p] for r in rows) for p in range(U)) * row    # the largest receive of any member
+        index = self._buffer(most * send.element_size(), send.device)
+        _, handle, _ = self.buffers[index]
+        if (index, send.dtype) not in self.views:
+            self.views[index, send.dtype] = [handle.get_buffer(p, (most,), send.dtype) for p in range(U)]
+        peers = self.views[index, send.dtype]
+        handle.barrier(channel=0)                     # every peer has copied out what it received last time
+        first = 0
+        for p in range(U):
+            at = sum(rows[s][p] for s in range(me)) * row              # my rows' place in member p's buffer
+            count = rows[me][p] * row
+            peers[p][at:at + count].copy_(send[first:first + rows[me][p]].reshape(-1))
+            first += rows[me][p]
+        handle.barrier(channel=1)                     # every member's rows have landed in my buffer
+        received = sum(r[me] for r in rows)
+        return peers[me][:received * row].view(received, *send.shape[1:]).clone()
 
 
 # ----------------------------------------------------------------------------- ring attention
@@ -308,7 +378,7 @@ def attend_heads(q_tm, kv, mesh, chunk, cache=None, commit=False):
                        for j, n in enumerate(lengths)]
         out = ring_attention(q, kv, mesh, lengths)
     if cache is not None and commit:
-        cache.commit()
+        cache.commit(chunk, ring_shard_of(mesh, chunk))
     return heads_to_seq(out.permute(2, 0, 1, 3), mesh, length)         # [B, Hu, n, D] -> [n, B, Hu, D]
 
 

@@ -51,7 +51,7 @@ def test_cache_keeps_exactly_the_window_and_uncommitted_passes_leave_it_alone():
         kv = cache.extend(k + 0.5, k + 0.5, chunk)               # a denoising pass: not kept
         assert kv.shape[0] == min(10, chunk[1])                  # sees the last 10 tokens at most
         cache.extend(k, k, chunk)                                # the clean pass: kept
-        cache.commit()
+        cache.commit(chunk)
         held = cache.kv[:cache.length, 0].flatten().tolist()
         assert held == list(range(max(0, chunk[1] - 10), chunk[1]))  # the last 10 committed tokens
     assert cache.kept_from == 4 * chunk_tokens - 10 and cache.held_length() == cache.length
@@ -73,3 +73,20 @@ def test_bad_inputs_are_rejected():
     cache.extend(k, v, (0, 12))
     with pytest.raises(ValueError, match="KVCache holds"):
         cache.extend(torch.zeros(12, 1, 2, 8, dtype=torch.float64), torch.zeros(12, 1, 2, 8), (0, 12))
+
+
+def test_reset_keeps_the_storage_and_make_room_moves_data_once():
+    cache = causal.KVCache(capacity_tokens=12, window_tokens=12)
+    for c in range(3):
+        chunk = (c * 6, (c + 1) * 6)
+        k = torch.arange(*chunk, dtype=torch.float64).view(-1, 1, 1, 1)
+        cache.extend(k, k, chunk)
+        cache.commit(chunk)
+    storage = cache.kv.data_ptr()
+    for _ in range(2):                                            # every pass over chunk 3 may ask; one moves
+        cache.make_room((18, 24))
+        assert cache.kv[:cache.length, 0].flatten().tolist() == list(range(12, 18))
+    cache.reset()
+    assert (cache.length, cache.kept_from, cache.chunks, cache.held) == (0, 0, [], [])
+    kv = cache.extend(torch.ones(6, 1, 1, 1, dtype=torch.float64), torch.ones(6, 1, 1, 1, dtype=torch.float64), (0, 6))
+    assert kv.shape[0] == 6 and cache.kv.data_ptr() == storage  # same memory: CUDA graphs keep reading it
