@@ -77,6 +77,8 @@ class ShardLayout:
         self.shard = self.mesh.token_shard(self.length)               # this rank's part, chunk-relative
         self.n_local = self.shard[1] - self.shard[0]
         self.cos, self.sin = self.table.chunk_rows(self.start_frame, self.num_frames, self.shard)
+        # the frame inside the chunk of each token this rank holds (stage 06 modulates per frame)
+        self.frame_index = torch.arange(*self.shard, device=self.cos.device) // self.table.tokens_per_frame
 
 
 def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):

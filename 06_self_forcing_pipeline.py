@@ -16,6 +16,14 @@ The idea
     cross-attention needs no communication (each rank holds all 512 text tokens' K/V, computed once).
     Only a finished chunk is gathered, to be handed out.
 
+Graph mode (the default on GPU)
+    Split over GPUs, each rank's kernels get shorter but Python's work per forward does not: on 2 H100s an
+    eager Wan-1.3B forward needs ~59 ms of host time to enqueue ~20 ms of GPU work. So on GPU every
+    forward -- all 30 blocks, the all-to-alls included -- is a CUDA graph, captured once per visible-cache
+    length and replayed from one host call (GraphedForward). Eager mode (EagerForward, --no-graph) is the
+    same model code; CPU and the tests use it. Compilation and capture happen in a warm-up video before
+    any clock starts.
+
 The model
     Wan2.1's DiT with Self-Forcing's per-frame timesteps and the original parameter names (patch_embedding,
     text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.{modulation, norm3, self_attn.*,
@@ -35,19 +43,29 @@ Run
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --checkpoint self_forcing_dmd.pt \\
         --text-embedding prompt_umt5.pt --output out/latents.pt
     Prints first-chunk latency, total time and frames per second; saves the latents (VAE decoding is
-    not part of this reference).
+    not part of this reference). On GPU:
+    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --bench --profile
+        warm-up, chunk forward, first chunk, whole video, FPS; host vs kernel time per forward (rank 0)
+    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --verify --frames 9
+        CUDA graph == eager, and 2 GPUs == 1 GPU (float32 to 1e-5; bfloat16 within bfloat16's own error)
+    --exchange symm makes the all-to-alls peer copies into symmetric memory instead of NCCL calls.
 """
 import argparse
 import contextlib
+import copy
 import functools
+import gc
 import importlib
 import math
 import os
 import statistics
 import struct
+import sys
+import threading
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -143,10 +161,10 @@ class Block(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context_kv)
         return x + self.feed_forward(self.modulated(self.norm2, x, e, frame_index, 3)) * self.gate(e, frame_index, 5)
 
-    def forward(self, x, e, frame_index, layout, cache, commit, context_kv, mode="fused"):
-        h = fused.on_device(Block.pre_attention, x)(self, x, e, frame_index)
-        y = self.self_attn(h, layout, cache, commit, mode)
-        return fused.on_device(Block.post_attention, x)(self, x, y, e, frame_index, context_kv)
+    def forward(self, x, e, layout, cache, context_kv, mode="fused"):
+        h = fused.on_device(Block.pre_attention, x)(self, x, e, layout.frame_index)
+        y = self.self_attn(h, layout, cache, mode=mode)       # writes the chunk's K/V to the cache slots
+        return fused.on_device(Block.post_attention, x)(self, x, y, e, layout.frame_index, context_kv)
 
 
 class Head(nn.Module):
@@ -197,9 +215,10 @@ class CausalWanModel(nn.Module):
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, L, dim] -> [B, H, L, D]
         return [(heads(k[:, :, i]), heads(kv[:, :, i, 1])) for i in range(len(attns))]
 
-    def forward(self, tokens, timestep, frame_index, layout, caches, commit, context_kvs, mode="fused"):
+    def forward(self, tokens, timestep, layout, caches, context_kvs, mode="fused"):
         """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk.
-        Returns the predicted flow [B, n_local, 64] in float32 (or float64)."""
+        Returns the predicted flow [B, n_local, 64] in float32 (or float64). Every block writes the chunk's
+        K/V into its cache's slots after the cached tokens; only commit_chunk() makes them part of the cache."""
         # The residual stream and the modulation stay in the model dtype (bf16 on GPU), as upstream runs the
         # generator; norms compute in float32 inside. The flow comes back at least in float32 for the loop.
         weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)      # conv as a linear layer
@@ -208,8 +227,8 @@ class CausalWanModel(nn.Module):
         e = self.time_embedding(t)                                                    # [B*F, dim]
         e6 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(0, timestep.shape)
         for block, cache, context_kv in zip(self.blocks, caches, context_kvs):
-            x = block(x, e6, frame_index, layout, cache, commit, context_kv, mode)
-        flow = self.head(x, e.unflatten(0, timestep.shape), frame_index)
+            x = block(x, e6, layout, cache, context_kv, mode)
+        flow = self.head(x, e.unflatten(0, timestep.shape), layout.frame_index)
         return flow.to(torch.promote_types(self.dtype, torch.float32))
 
 
@@ -240,9 +259,14 @@ def load_checkpoint(model, path, use_ema=False):
 
 
 def parameter_fingerprint(model):
-    """A number that differs when ranks hold different weights (the float64 sum's bits)."""
-    total = sum(p.detach().double().sum() for p in model.parameters()).item()
-    return struct.unpack("<q", struct.pack("<d", total))[0]
+    """A number that differs when ranks hold different weights (the float64 sum's bits). Summing 1.4 B
+    weights costs ~10 ms, so the value is kept until a parameter changes (its version counter moves)."""
+    versions = [(id(p), p._version) for p in model.parameters()]
+    kept = getattr(model, "_fingerprint", None)
+    if kept is None or kept[0] != versions:
+        total = sum(p.detach().double().sum() for p in model.parameters()).item()
+        model._fingerprint = (versions, struct.unpack("<q", struct.pack("<d", total))[0])
+    return model._fingerprint[1]
 
 
 # ----------------------------------------------------------------------------- the Self-Forcing loop
@@ -304,9 +328,13 @@ def validate(model, mesh, frames, height, width, chunk_frames, window_frames, te
         mesh.heads_problem(model.num_heads),
     ]
     problem = next((c for c in checks if c), None)                    # the first thing wrong, if any
+    if mesh.world_size == 1:          # one process (maybe one rank of a job, working alone): no one to ask
+        if problem:
+            raise ValueError(f"Self-Forcing pipeline: {problem}")
+        return
     sp.agree(mesh.device, "Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
              chunk_frames=chunk_frames, window_frames=window_frames or 0, batch=text.shape[0] if text.dim() else -1,
-             weights=parameter_fingerprint(model) if mesh.world_size > 1 else 0)
+             weights=parameter_fingerprint(model))
 
 
 @functools.lru_cache(maxsize=8)
@@ -328,49 +356,212 @@ def attention_backends(device):
         return sdpa_kernel(order)
 
 
-@torch.no_grad()
-def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_FRAMES, window_frames=None,
-             mode="fused", progress=False, on_chunk=None):
-    """Generate `frames` latent frames of a height x width (video pixels) video on the mesh's ranks.
-    text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] (float32) on every rank.
-    on_chunk(index, seconds since the chunk loop began) is called as each chunk is handed out."""
-    validate(model, mesh, frames, height, width, chunk_frames, window_frames, text)
-    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
-    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+def new_caches(model, table, window_frames):
+    """One KV cache per block, sized for the whole video (or the window)."""
     tpf = table.tokens_per_frame
     window_tokens = None if window_frames is None else window_frames * tpf
-    caches = [causal.KVCache(window_tokens or frames * tpf, window_tokens) for _ in model.blocks]
-    context_kvs = model.text_context(text.to(device))
+    return [causal.KVCache(window_tokens or table.frames * tpf, window_tokens) for _ in model.blocks]
+
+
+def commit_chunk(caches, layout):
+    """The K/V that the last pass wrote into the cache slots become the chunk's cache entries (bookkeeping
+    only: Python ints, no device work)."""
+    held = sp.ring_shard_of(layout.mesh, layout.chunk)
+    for cache in caches:
+        cache.commit(layout.chunk, held)
+
+
+class EagerForward:
+    """The model forward over a chunk, launched kernel by kernel from Python (CPU, tests, --no-graph)."""
+
+    def __init__(self, model, caches, mode):
+        self.model, self.caches, self.mode = model, caches, mode
+
+    def start_video(self, context_kvs):
+        self.context_kvs = context_kvs
+
+    def __call__(self, x, timestep, layout):
+        return self.model(x, timestep, layout, self.caches, self.context_kvs, self.mode)
+
+
+class Deadline:
+    """Ends this process with one clear line if a block of work has not finished in time: a captured NCCL
+    exchange that hangs must not hang silently. Every rank runs its own timer, so every rank says it."""
+    ADVICE = "rerun with --exchange symm (peer copies instead of NCCL) or with --no-graph"
+
+    def __init__(self, seconds, what):
+        self.seconds, self.what = seconds, what
+
+    def expired(self):
+        print(f"error: rank {sp.world()[1]}: {self.what} did not finish within {self.seconds:.0f} s; {self.ADVICE}",
+              file=sys.stderr, flush=True)
+        os._exit(3)
+
+    def __enter__(self):
+        self.timer = threading.Timer(self.seconds, self.expired)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+class GraphedForward(EagerForward):
+    """The model forward over a chunk, replayed from CUDA graphs: one host call per forward (GPU only).
+
+    Why: split over 2 GPUs, one Wan-1.3B forward's ~1000 kernel launches, 60 exchanges and ~90 compiled
+    regions' guard checks took the host longer than the GPU took to run them, so the GPUs sat idle. A
+    graph replays the whole forward, every exchange included, from one launch.
+
+    What makes the forward capturable:
+      * what a graph reads lives at fixed addresses: this object owns static buffers for the tokens, the
+        timestep, the chunk's RoPE rows and the text K/V; each call copies its inputs into them;
+      * the KV caches are allocated once at capacity, and only reset between videos;
+      * a pass writes its chunk's K/V into the cache slots whether or not it commits; committing is
+        bookkeeping done after the replay (commit_chunk) and eviction runs before it (make_room), so the
+        device work depends only on how many cached tokens each rank sees. That is the graph's key: one
+        graph per chunk without a window; with a window, every chunk after the window fills shares one.
+        The denoising passes and the clean-context pass of a chunk are the same graph;
+      * nothing inside the forward waits on the host; the ranks' agreement check runs once per video.
+    A new key costs one eager warm-up of the same call (compiles, connects NCCL, plans cuDNN), a barrier,
+    the capture and a first replay, all under a Deadline. Graphs outlive the video: build one
+    GraphedForward per video shape (`graphed_forward`) and later videos only replay.
+    """
+
+    def __init__(self, model, caches, mode, exchange, timeout_s):
+        super().__init__(model, caches, mode)
+        self.exchange, self.timeout_s = exchange, timeout_s
+        self.graphs = {}            # visible-cache key -> (graph, output buffer)
+        self.pool = None            # one memory pool for all of them: they never run at the same time
+        self.static = None          # inputs the graphs read: x, timestep, layout (static RoPE rows), text K/V
+
+    def start_video(self, context_kvs):
+        for cache in self.caches:
+            cache.reset()
+        if self.static is None:
+            self.context_kvs = [(k.clone(), v.clone()) for k, v in context_kvs]
+        else:
+            for mine, new in zip(self.context_kvs, context_kvs):
+                for buffer, value in zip(mine, new):
+                    buffer.copy_(value)
+
+    def key(self, layout):
+        """How many cached tokens each ring rank holds for this chunk (the graph's only varying input)."""
+        mesh, cache = layout.mesh, self.caches[0]
+        return layout.length, tuple(cache.held_length(lambda c, j=j: sp.ring_shard_of(mesh, c, j))
+                                    for j in range(mesh.ring_degree))
+
+    def __call__(self, x, timestep, layout):
+        """The flow for this chunk, in a buffer that the next call overwrites."""
+        if self.static is None:
+            static_layout = copy.copy(layout)
+            static_layout.cos, static_layout.sin = layout.cos.clone(), layout.sin.clone()
+            self.static = (x.clone(), timestep.clone(), static_layout)
+        static_x, static_t, static_layout = self.static
+        static_x.copy_(x)
+        static_t.copy_(timestep)
+        static_layout.cos.copy_(layout.cos)
+        static_layout.sin.copy_(layout.sin)
+        vars(static_layout).update({k: v for k, v in vars(layout).items() if not isinstance(v, torch.Tensor)})
+        key = self.key(layout)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(static_x, static_t, static_layout)
+        graph, output = self.graphs[key]
+        graph.replay()
+        return output
+
+    def capture(self, x, timestep, layout):
+        run = lambda: self.model(x, timestep, layout, self.caches, self.context_kvs, self.mode)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):       # warm-up, off the capture: compile, NCCL connections, cuDNN plans
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        if layout.mesh.world_size > 1:        # every rank captures the same exchanges, together
+            dist.barrier()
+        graph, self.pool = torch.cuda.CUDAGraph(), self.pool or torch.cuda.graph_pool_handle()
+        what = f"CUDA graph capture and first replay of the model forward (exchange: {self.exchange})"
+        with Deadline(self.timeout_s, what):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                output = run()
+            graph.replay()
+            torch.cuda.synchronize()
+        return graph, output
+
+
+@functools.lru_cache(maxsize=4)
+def graphed_forward(model, mesh, table, batch, window_frames, mode, timeout_s):
+    """The GraphedForward of one video shape, built at its first video and reused by every later one."""
+    return GraphedForward(model, new_caches(model, table, window_frames), mode, exchange_name(mesh), timeout_s)
+
+
+def exchange_name(mesh):
+    return "none" if mesh.world_size == 1 else "symmetric memory" if mesh.symmetric is not None else "nccl"
+
+
+def finish(timeout_s=120):
+    """Drop every CUDA graph (NCCL cannot tear down a communicator that a live graph still uses: the job
+    would hang at exit), then leave the process group in step with the other ranks."""
+    graphed_forward.cache_clear()
+    gc.collect()
+    with Deadline(timeout_s, "leaving the process group"):
+        sp.finish_distributed()
+
+
+def chunk_forward(model, mesh, table, batch, window_frames, mode, graphs, graph_timeout_s):
+    """What runs the model over a chunk: the shape's GraphedForward (kept across videos), or a fresh eager one."""
+    if graphs:
+        return graphed_forward(model, mesh, table, batch, window_frames, mode, graph_timeout_s)
+    return EagerForward(model, new_caches(model, table, window_frames), mode)
+
+
+@torch.no_grad()
+def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_FRAMES, window_frames=None,
+             mode="fused", graphs=None, progress=False, on_chunk=None, graph_timeout_s=300):
+    """Generate `frames` latent frames of a height x width (video pixels) video on the mesh's ranks.
+    text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] (float32) on every rank.
+    graphs: replay each forward from CUDA graphs (default: on GPU). on_chunk(index, seconds since the chunk
+    loop began) is called as each chunk is handed out."""
+    validate(model, mesh, frames, height, width, chunk_frames, window_frames, text)
+    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
+    graphs = device.type == "cuda" if graphs is None else graphs
+    if graphs and device.type != "cuda":
+        raise ValueError("CUDA graphs need a GPU: use graphs=False (--no-graph) on CPU")
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    table = rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    forward = chunk_forward(model, mesh, table, batch, window_frames, mode, graphs, graph_timeout_s)
+    forward.start_video(model.text_context(text.to(device)))
     noise = NoiseSource(seed, device)
     chunks, start = [], time.perf_counter()
     bar = tqdm(total=(frames // chunk_frames) * len(DENOISING_STEPS), disable=not progress, desc="denoising", unit="step")
     with attention_backends(device):
         for start_frame in range(0, frames, chunk_frames):
             layout = fused.ShardLayout(mesh, table, start_frame, chunk_frames)
-            frame_index = torch.arange(*layout.shard, device=device) // tpf
-            x0 = denoise_chunk(model, layout, frame_index, caches, context_kvs, noise, batch, lat_h, lat_w, mode, bar)
+            for cache in forward.caches:      # a window drops what this chunk no longer sees (eagerly)
+                cache.make_room(layout.chunk)
+            x0 = denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar)
             chunk = sp.gather_tokens(x0, mesh, layout.length)                         # hand the chunk out
             chunks.append(unpatchify(chunk, chunk_frames, lat_h, lat_w))
             if on_chunk:
                 on_chunk(len(chunks) - 1, time.perf_counter() - start)
             if start_frame + chunk_frames < frames:   # clean-context pass (none after the last chunk)
-                model(x0, torch.zeros(batch, chunk_frames, device=device), frame_index, layout, caches, True,
-                      context_kvs, mode)
+                forward(x0, torch.zeros(batch, chunk_frames, device=device), layout)
+                commit_chunk(forward.caches, layout)
     bar.close()
     return torch.cat(chunks, dim=2).float()
 
 
-def denoise_chunk(model, layout, frame_index, caches, context_kvs, noise, batch, lat_h, lat_w, mode, bar):
+def denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar):
     """The 4 denoising steps of one chunk on this rank's shard (reading the cache, keeping nothing).
     Returns x0 [B, n_local, 64]."""
-    device, act = noise.device, torch.promote_types(model.dtype, torch.float32)
+    model, device = forward.model, noise.device
+    act = torch.promote_types(model.dtype, torch.float32)
     timesteps, sigmas = warped_timesteps()
     shape = (batch, model.in_dim, layout.num_frames, lat_h, lat_w)
     x = noise.chunk_noise(*shape, layout.shard).to(act)
     for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
-        timestep = torch.full((batch, layout.num_frames), t, device=device)
-        flow = model(x, timestep, frame_index, layout, caches, False, context_kvs, mode)
+        flow = forward(x, torch.full((batch, layout.num_frames), t, device=device), layout)
         x0 = x - sigma * flow
         if i + 1 < len(timesteps):
             x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.chunk_noise(*shape, layout.shard).to(act)
@@ -420,36 +611,80 @@ def video_flops(model, frames, tokens_per_frame, chunk_frames=CHUNK_FRAMES):
     return total
 
 
+def relative_rms(got, want):
+    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
+
+
+def host_and_kernel_ms(fn, repeats=10):
+    """Per call of fn on this rank: the host time to enqueue it and the wall time until the GPU is done
+    (both without the profiler, whose tracing slows the host), and, from torch.profiler, the summed time of
+    the GPU kernels it ran (kernels of different streams, e.g. NCCL's, are summed even where they overlap).
+    Returns (host, wall, kernels, profiler table)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+    table = events.table(sort_by="self_cuda_time_total", row_limit=25)
+    return host * 1e3 / repeats, wall * 1e3 / repeats, kernels / repeats, table
+
+
 def bench_main(args, device, mesh, dtype):
-    """Times at the preset's full shapes with random weights; every rank runs, rank 0 prints."""
+    """Times at the preset's full shapes with random weights; every rank runs, rank 0 prints. Compilation and
+    graph capture happen in the warm-up videos, before any clock starts."""
     preset = PRESETS[args.preset]
     height, width = args.height or preset["height"], args.width or preset["width"]
     model = build_model(args.preset, dtype, device, args.seed)
     text = load_text(None, model, 1, args.seed).to(device)     # as a GPU text encoder would hand it over
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(model.dim // model.num_heads, args.frames, lat_h // 2, lat_w // 2, device)
-    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
+    graphs = device.type == "cuda" and not args.no_graph
+    video = lambda on_chunk=None: generate(model, text, args.frames, height, width, args.seed, mesh,
+                                           window_frames=args.window_frames, mode=args.mode, graphs=graphs,
+                                           on_chunk=on_chunk, graph_timeout_s=args.graph_timeout)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_videos):
+        video()
+    sync()
+    warmup_s = time.perf_counter() - t0
     runs = []
-    for r in range(args.warmup_videos + args.video_repeats):
+    for _ in range(args.video_repeats):
         marks = []
         sync()
         t0 = time.perf_counter()
-        generate(model, text, args.frames, height, width, args.seed, mesh, mode=args.mode,
-                 on_chunk=lambda i, s: (sync(), marks.append(time.perf_counter() - t0)))
+        video(on_chunk=lambda i, s: (sync(), marks.append(time.perf_counter() - t0)))
         sync()
         runs.append((marks[0], time.perf_counter() - t0))
-    runs = runs[args.warmup_videos:]
-    # the single chunk forward is timed last, with the GPU already busy for seconds: timed first, right
-    # after compilation (GPU idle, clocks down), it read 37-45 ms against 33.5-34.3 ms on the same H200
+    # one forward of the first chunk (empty cache), through the same forward the videos used, timed last
+    # with the GPU already busy for seconds (timed right after compilation, on an idle GPU, it reads high)
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    table = rope_table(model.dim // model.num_heads, args.frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
+    x = torch.randn(1, layout.n_local, 4 * model.in_dim, device=device)
+    timestep = torch.full((1, CHUNK_FRAMES), 1000.0, device=device)
+    profiles = []
     with torch.no_grad(), attention_backends(device):
-        context_kvs = model.text_context(text)
-        x = torch.randn(1, layout.n_local, 4 * model.in_dim, device=device)
-        timestep = torch.full((1, CHUNK_FRAMES), 1000.0, device=device)
-        frame_index = torch.arange(*layout.shard, device=device) // table.tokens_per_frame
-        no_cache = [None] * len(model.blocks)
-        forward_ms = crsp.time_ms(lambda: model(x, timestep, frame_index, layout, no_cache, False, context_kvs),
-                                  device, warmup=args.warmup, repeats=args.repeats)
+        forward = chunk_forward(model, mesh, table, 1, args.window_frames, args.mode, graphs, args.graph_timeout)
+        forward.start_video(model.text_context(text))
+        one_forward = lambda: forward(x, timestep, layout)
+        forward_ms = crsp.time_ms(one_forward, device, warmup=args.warmup, repeats=args.repeats)
+        if args.profile and device.type == "cuda":
+            eager = chunk_forward(model, mesh, table, 1, args.window_frames, args.mode, False, args.graph_timeout)
+            eager.start_video(model.text_context(text))
+            profiles.append(("eager", host_and_kernel_ms(lambda: eager(x, timestep, layout))))
+            if graphs:
+                profiles.append(("CUDA graph", host_and_kernel_ms(one_forward)))
     first = statistics.median(r[0] for r in runs)
     total = statistics.median(r[1] for r in runs)
     chunk_flops = forward_flops(model, layout.length, layout.length, model.text_len)
@@ -460,23 +695,95 @@ def bench_main(args, device, mesh, dtype):
         n_video = video_frames(args.frames)
         print(f"06 --bench: {args.preset}, {mesh.world_size} x {name} (ulysses {mesh.ulysses_degree} x ring "
               f"{mesh.ring_degree}), {dtype}, {args.frames} latent frames at {height}x{width} "
-              f"({layout.length} tokens per chunk), mode {args.mode}")
-        print(f"  chunk forward (no cache)     {forward_ms:9.2f} ms   {chunk_flops / forward_ms / 1e9:7.1f} TFLOP/s "
+              f"({layout.length} tokens per chunk), mode {args.mode}, {'CUDA graphs' if graphs else 'eager'}, "
+              f"exchange {exchange_name(mesh)}")
+        print(f"  warm-up ({args.warmup_videos} video(s): compile, capture)  {warmup_s:7.2f} s   (not in the figures below)")
+        print(f"  chunk forward (empty cache)  {forward_ms:9.2f} ms   {chunk_flops / forward_ms / 1e9:7.1f} TFLOP/s "
               f"of {chunk_flops / 1e12:.2f} TFLOP (median of {args.repeats})")
         print(f"  first chunk (4 steps)        {first * 1e3:9.2f} ms   (from the call: incl. text K/V, cache set-up)")
         print(f"  whole video                  {total:9.3f} s    {all_flops / total / 1e12:7.1f} TFLOP/s of "
               f"{all_flops / 1e12:.1f} TFLOP (median of {args.video_repeats})")
         print(f"  frames per second            {n_video / total:9.1f}      ({n_video} video frames)")
         print(f"  peak GPU memory              {peak:9.2f} GiB")
+        for label, (host, wall, kernels, table_text) in profiles:
+            print(f"  profile, rank 0, {label:<10s}  per forward: host {host:6.2f} ms to enqueue, "
+                  f"wall {wall:6.2f} ms, GPU kernels {kernels:6.2f} ms")
+            if args.profile_dir:
+                os.makedirs(args.profile_dir, exist_ok=True)
+                with open(os.path.join(args.profile_dir, f"profile_{mesh.world_size}gpu_{label.replace(' ', '_')}.txt"), "w") as f:
+                    f.write(table_text)
+
+
+def verify_main(args, device, mesh):
+    """On the GPU(s) of this job: CUDA-graph latents == eager latents, and (with several ranks) the job's
+    latents == one GPU's (rank 0 runs the single-GPU reference alone while the others wait). Exits non-zero
+    on failure."""
+    preset = PRESETS[args.preset]
+    height, width = args.height or preset["height"], args.width or preset["width"]
+    bf16, f32 = (build_model(args.preset, dtype, device, args.seed) for dtype in (torch.bfloat16, torch.float32))
+    text = load_text(args.text_embedding, bf16, 1, args.seed)
+    run = lambda model, on, graphs: generate(model, text, args.frames, height, width, args.seed, on,
+                                             window_frames=args.window_frames, mode=args.mode, graphs=graphs,
+                                             graph_timeout_s=args.graph_timeout)
+    graph16, eager16 = run(bf16, mesh, True), run(bf16, mesh, False)
+    graph32, eager32 = run(f32, mesh, True), run(f32, mesh, False)
+    one16, one32 = graph16, graph32
+    # one forward (first chunk, empty cache) both ways: shows whether a single pass already differs
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    table = rope_table(bf16.dim // bf16.num_heads, args.frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
+    x = torch.randn(1, layout.n_local, 4 * bf16.in_dim, device=device)
+    timestep = torch.full((1, CHUNK_FRAMES), 937.5, device=device)
+    flows = []
+    with torch.no_grad(), attention_backends(device):
+        for graphs in (True, False):
+            forward = chunk_forward(bf16, mesh, table, 1, args.window_frames, args.mode, graphs, args.graph_timeout)
+            forward.start_video(bf16.text_context(text.to(device)))
+            flows.append(forward(x, timestep, layout).clone())
+    if mesh.world_size > 1:
+        if mesh.rank == 0:
+            one = sp.SPMesh(1, 1, device, local=True)
+            one16, one32 = run(bf16, one, True), run(f32, one, True)
+        dist.barrier()
+    if mesh.rank != 0:
+        return
+    # float32 shows that two ways compute the same function (1e-5: reordered sums over 14 forwards); in
+    # bfloat16 a library may pick another kernel (another summation order) for a captured call, and 14
+    # forwards of a random-weight model amplify that, so bfloat16 runs must only be no further apart than
+    # bfloat16 is from float32
+    bf16_noise = relative_rms(one16, one32)
+    rows = [("one forward, CUDA graph vs eager, bfloat16", relative_rms(*flows), float("inf")),
+            ("CUDA graph vs eager, float32", relative_rms(graph32, eager32), 1e-5),
+            ("CUDA graph vs eager, bfloat16", relative_rms(graph16, eager16), bf16_noise)]
+    if mesh.world_size > 1:
+        rows += [(f"{mesh.world_size} GPUs vs 1 GPU, float32", relative_rms(graph32, one32), 1e-5),
+                 (f"{mesh.world_size} GPUs vs 1 GPU, bfloat16", relative_rms(graph16, one16), bf16_noise)]
+    rows.append(("(1 GPU: bfloat16 vs float32)", bf16_noise, float("inf")))
+    print(f"06 --verify: {args.preset}, {mesh.world_size} x {torch.cuda.get_device_name()} (ulysses "
+          f"{mesh.ulysses_degree} x ring {mesh.ring_degree}), {args.frames} latent frames at {height}x{width}, "
+          f"exchange {exchange_name(mesh)}; relative RMS of the latents")
+    failed = []
+    for name, err, bound in rows:
+        ok = err <= bound
+        failed += [name] if not ok else []
+        print(f"  {name:<42s} {err:9.2e}   {'(bound ' + format(bound, '.1e') + ')' if bound != float('inf') else ''}"
+              f"{'' if ok else '  FAILED'}")
+    if failed:
+        raise SystemExit(f"06 --verify failed: {failed}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true",
                         help="time chunk forward, first chunk, whole video (random weights; use --preset wan-1.3b)")
+    parser.add_argument("--verify", action="store_true",
+                        help="GPU: check CUDA-graph == eager latents, and N GPUs == 1 GPU (float32 and bfloat16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="bench: profile one chunk forward on rank 0, eager and graphed (host vs kernel time)")
+    parser.add_argument("--profile-dir", default=None, help="bench --profile: also write the profiler tables here")
     parser.add_argument("--warmup", type=int, default=5, help="bench: untimed chunk forwards")
     parser.add_argument("--repeats", type=int, default=20, help="bench: timed chunk forwards")
-    parser.add_argument("--warmup-videos", type=int, default=1, help="bench: untimed videos (compilation)")
+    parser.add_argument("--warmup-videos", type=int, default=1, help="bench: untimed videos (compile, capture)")
     parser.add_argument("--video-repeats", type=int, default=5, help="bench: timed videos")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
@@ -492,32 +799,56 @@ def main():
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--mode", choices=fused.MODES, default="fused")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="GPU: launch every kernel from Python instead of replaying CUDA graphs")
+    parser.add_argument("--exchange", choices=["nccl", "symm"], default="nccl",
+                        help="GPU: the Ulysses all-to-all as NCCL calls, or as peer copies into symmetric memory")
+    parser.add_argument("--graph-timeout", type=float, default=300,
+                        help="seconds a CUDA graph capture and its first replay may take before every rank stops")
     args = parser.parse_args()
     device = sp.init_distributed()
+    if args.exchange == "symm" and device.type != "cuda":
+        parser.error("--exchange symm needs GPUs (symmetric memory is CUDA memory)")
     preset = PRESETS[args.preset]
     height, width = args.height or preset["height"], args.width or preset["width"]
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], preset["num_heads"], args.ring), device=device)
-    if args.bench:
-        bench_main(args, device, mesh, dtype)
-        sp.finish_distributed()
+    if args.exchange == "symm":
+        mesh.use_symmetric_memory()
+    if args.bench or args.verify:
+        if args.verify and device.type != "cuda":
+            parser.error("--verify compares GPU runs; on CPU the tests prove the same (python -m pytest)")
+        (bench_main(args, device, mesh, dtype) if args.bench else verify_main(args, device, mesh))
+        finish(args.graph_timeout)
         return
     model = build_model(args.preset, dtype, device, args.seed, args.checkpoint, args.use_ema)
     text = load_text(args.text_embedding, model, 1, args.seed)
+    run = lambda **kw: generate(model, text, args.frames, height, width, args.seed, mesh,
+                                window_frames=args.window_frames, mode=args.mode, graphs=graphs,
+                                graph_timeout_s=args.graph_timeout, **kw)
+    graphs = device.type == "cuda" and not args.no_graph
+    warmup_s = None
+    if device.type == "cuda":         # compile and capture before the clock starts, as a server would at start-up
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t0
     first_chunk = []
     t0 = time.perf_counter()
-    latents = generate(model, text, args.frames, height, width, args.seed, mesh, window_frames=args.window_frames,
-                       mode=args.mode, progress=mesh.rank == 0, on_chunk=lambda i, s: first_chunk.append(s))
+    latents = run(progress=mesh.rank == 0, on_chunk=lambda i, s: first_chunk.append(s))
     total = time.perf_counter() - t0
     if mesh.rank == 0:
         save_atomically({"latents": latents.cpu(), "frames": args.frames, "height": height, "width": width,
                          "seed": args.seed, "preset": args.preset}, args.output)
         n_video = video_frames(args.frames)
         print(f"06_self_forcing_pipeline: {args.preset}, {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x "
-              f"ring {mesh.ring_degree}), {device.type}, {dtype}, {args.frames} latent frames at {height}x{width}")
+              f"ring {mesh.ring_degree}), {device.type}, {dtype}, {args.frames} latent frames at {height}x{width}"
+              f"{', CUDA graphs' if graphs else ''}")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
         print(f"  first chunk {first_chunk[0] * 1e3:.1f} ms, total {total:.2f} s, {n_video} video frames -> "
               f"{n_video / total:.1f} FPS; latents {tuple(latents.shape)} saved to {args.output}")
-    sp.finish_distributed()
+    finish(args.graph_timeout)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Stage 06 properties: the N-rank pipeline equals the single-process pipeline; checkpoints; determinism."""
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,9 +54,10 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
         layout = sf.fused.ShardLayout(mesh, table, 3 * c, 3)
         tokens = torch.randn(1, layout.length, 64, dtype=torch.float64, generator=gen)[:, slice(*layout.shard)]
         timestep = torch.rand(1, 3, generator=gen, dtype=torch.float64) * 1000
-        frame_index = torch.arange(*layout.shard) // (height * width)
+        assert torch.equal(layout.frame_index, torch.arange(*layout.shard) // (height * width))
         with torch.no_grad():
-            outs.append(model(tokens, timestep, frame_index, layout, caches, True, context))
+            outs.append(model(tokens, timestep, layout, caches, context))
+        sf.commit_chunk(caches, layout)
     return outs
 
 
@@ -188,3 +192,47 @@ def test_frames_past_the_rope_table_and_bad_windows_are_rejected():
         sf.generate(model, text, 7, 16, 16, 0, mesh)
     with pytest.raises(ValueError, match=r"text embedding is \(1, 16, 31\)"):
         sf.generate(model, text[..., :31], 6, 16, 16, 0, mesh)
+
+
+def graph_keys(mesh_shape, chunks, window, local=False):
+    """The CUDA-graph key of each chunk of a video, run eagerly through a GraphedForward's own caches."""
+    mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
+    model = sf.build_model("tiny", torch.float64, "cpu", 0)
+    table = sf.rope.RopeTable(model.dim // model.num_heads, 3 * chunks, 2, 3, dtype=torch.float64)
+    forward = sf.GraphedForward(model, sf.new_caches(model, table, window), "fused", "none", 60)
+    forward.start_video(model.text_context(torch.zeros(1, 4, model.text_dim, dtype=torch.float64)))
+    keys = []
+    with torch.no_grad():
+        for c in range(chunks):
+            layout = sf.fused.ShardLayout(mesh, table, 3 * c, 3)
+            for cache in forward.caches:
+                cache.make_room(layout.chunk)
+            keys.append(forward.key(layout))
+            x = torch.zeros(1, layout.n_local, 64, dtype=torch.float64)
+            sf.EagerForward.__call__(forward, x, torch.zeros(1, 3, dtype=torch.float64), layout)
+            sf.commit_chunk(forward.caches, layout)
+    return keys
+
+
+@pytest.mark.parametrize("world_size, mesh_shape", [(1, None), (2, (1, 2)), (4, (2, 2))])
+@pytest.mark.parametrize("window", [None, 3, 5, 6, 7, 10])
+def test_graph_key_is_the_visible_cache_so_a_window_reuses_one_graph(world_size, mesh_shape, window):
+    """A graph is replayed whenever its key repeats, so the key must change exactly when the cache a chunk
+    sees does: one graph per chunk without a window, one per distinct visible length with one."""
+    chunks, tpf = 6, 6
+    per_rank = ([graph_keys(None, chunks, window, local=True)] if world_size == 1 else
+                get_pool(world_size).run(graph_keys, mesh_shape, chunks, window))
+    visible_frames = [3 * c if window is None else min(3 * c, window - 3) for c in range(chunks)]
+    for keys in per_rank:
+        assert [sum(key[1]) for key in keys] == [f * tpf for f in visible_frames]
+        assert len(set(keys)) == len(set(visible_frames))
+
+
+def test_a_deadline_ends_the_process_with_one_clear_line():
+    code = ("import importlib, time\nsf = importlib.import_module('06_self_forcing_pipeline')\n"
+            "with sf.Deadline(1, 'the test wait'):\n    time.sleep(60)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: rank 0: the test wait did not finish within 1 s; rerun "
+                                                    "with --exchange symm (peer copies instead of NCCL) or with --no-graph")
