@@ -226,9 +226,21 @@ def heads_to_seq(x, mesh, length):
     sizes = mesh.ulysses_sizes(length)
     n = sizes[mesh.ulysses_rank]
     recv = ulysses_all_to_all(x.contiguous(), [sizes] * U, mesh)    # s sends member p p's tokens: [U*n, B, Hu, D]
-    return (recv.view(U, n, B, Hu, D)                    # [U, n, B, Hu, D]: head group s from member s
-            .permute(2, 1, 0, 3, 4)                      # [B, n, U, Hu, D]
-            .reshape(B, n, U * Hu, D))                   # [B, n, H, D]
+    out = recv.new_empty(B, n, U, Hu, D)
+    copy_rows_(out.permute(2, 1, 0, 3, 4), recv.view(U, n, B, Hu, D))  # head group s (from member s) to its place
+    return out.view(B, n, U * Hu, D)
+
+
+def copy_rows_(dst, src):
+    """dst.copy_(src) where the last dim is contiguous but the rows around it are strided (a layout change).
+    PyTorch's strided copy moves one element per thread step; viewed as 16-byte words (complex128, a bit
+    pattern only: nothing is computed on it) the same copy moves 8 bf16 values per step, ~3x faster on an
+    H100. Falls back to the plain copy where a row, stride or offset is not a multiple of 16 bytes."""
+    try:
+        dst, src = dst.view(torch.complex128), src.view(torch.complex128)
+    except RuntimeError:
+        pass
+    return dst.copy_(src)
 
 
 class SymmetricExchange:

@@ -153,7 +153,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if cache is not None:
             slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(mesh, layout.chunk))
-            slot.copy_(kv)
+            sp.copy_rows_(slot, kv)
             kv = kv_all
         out = sp.attend_heads(q_tm, kv, mesh, layout.chunk, cache, commit)   # [B, n, H, D]
         return self.o(out.flatten(2))
