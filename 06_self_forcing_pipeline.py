@@ -343,6 +343,12 @@ def rope_table(head_dim, frames, height, width, device):
     return rope.RopeTable(head_dim, frames, height, width, device=device)
 
 
+def video_rope_table(model, frames, height, width, device):
+    """The RoPE table of a video of `frames` latent frames, height x width video pixels."""
+    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
+    return rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+
+
 def attention_backends(device):
     """On GPU, try cuDNN attention first (about 1.7x flash's rate on H200 at these shapes), then flash,
     then memory-efficient; PyTorch falls through to the next where a backend refuses the inputs."""
@@ -529,7 +535,7 @@ def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_
     if graphs and device.type != "cuda":
         raise ValueError("CUDA graphs need a GPU: use graphs=False (--no-graph) on CPU")
     lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    table = video_rope_table(model, frames, height, width, device)
     forward = chunk_forward(model, mesh, table, batch, window_frames, mode, graphs, graph_timeout_s)
     forward.start_video(model.text_context(text.to(device)))
     noise = NoiseSource(seed, device)
@@ -615,6 +621,13 @@ def relative_rms(got, want):
     return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
 
 
+def first_chunk_input(model, mesh, frames, height, width, device):
+    """(RoPE table, layout of the first chunk, random tokens of this rank's shard): one chunk forward's input."""
+    table = video_rope_table(model, frames, height, width, device)
+    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
+    return table, layout, torch.randn(1, layout.n_local, 4 * model.in_dim, device=device)
+
+
 def host_and_kernel_ms(fn, repeats=10):
     """Per call of fn on this rank: the host time to enqueue it and the wall time until the GPU is done
     (both without the profiler, whose tracing slows the host), and, from torch.profiler, the summed time of
@@ -668,10 +681,7 @@ def bench_main(args, device, mesh, dtype):
         runs.append((marks[0], time.perf_counter() - t0))
     # one forward of the first chunk (empty cache), through the same forward the videos used, timed last
     # with the GPU already busy for seconds (timed right after compilation, on an idle GPU, it reads high)
-    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(model.dim // model.num_heads, args.frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
-    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
-    x = torch.randn(1, layout.n_local, 4 * model.in_dim, device=device)
+    table, layout, x = first_chunk_input(model, mesh, args.frames, height, width, device)
     timestep = torch.full((1, CHUNK_FRAMES), 1000.0, device=device)
     profiles = []
     with torch.no_grad(), attention_backends(device):
@@ -729,10 +739,7 @@ def verify_main(args, device, mesh):
     graph32, eager32 = run(f32, mesh, True), run(f32, mesh, False)
     one16, one32 = graph16, graph32
     # one forward (first chunk, empty cache) both ways: shows whether a single pass already differs
-    lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    table = rope_table(bf16.dim // bf16.num_heads, args.frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
-    layout = fused.ShardLayout(mesh, table, 0, CHUNK_FRAMES)
-    x = torch.randn(1, layout.n_local, 4 * bf16.in_dim, device=device)
+    table, layout, x = first_chunk_input(bf16, mesh, args.frames, height, width, device)
     timestep = torch.full((1, CHUNK_FRAMES), 937.5, device=device)
     flows = []
     with torch.no_grad(), attention_backends(device):
