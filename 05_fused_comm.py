@@ -47,8 +47,8 @@ MODES = ("unfused", "fused", "overlap")
 
 
 def rms_norm(x, weight, eps):
-    """Wan's RMSNorm: normalise in float32 over the last (full model) dim, cast back, scale."""
-    xf = x.float()
+    """Wan's RMSNorm: normalise in float32 (or wider) over the last (full model) dim, cast back, scale."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 

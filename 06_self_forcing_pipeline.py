@@ -338,15 +338,16 @@ def validate(model, mesh, frames, height, width, chunk_frames, window_frames, te
 
 
 @functools.lru_cache(maxsize=8)
-def rope_table(head_dim, frames, height, width, device):
+def rope_table(head_dim, frames, height, width, device, dtype=torch.float32):
     """The RoPE table of a video shape, built once and shared by every video of that shape (stage 01)."""
-    return rope.RopeTable(head_dim, frames, height, width, device=device)
+    return rope.RopeTable(head_dim, frames, height, width, dtype=dtype, device=device)
 
 
 def video_rope_table(model, frames, height, width, device):
     """The RoPE table of a video of `frames` latent frames, height x width video pixels."""
     lat_h, lat_w = height // VAE_STRIDE, width // VAE_STRIDE
-    return rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device)
+    return rope_table(model.dim // model.num_heads, frames, lat_h // PATCH[1], lat_w // PATCH[2], device,
+                      torch.promote_types(model.dtype, torch.float32))    # float64 models get a float64 table
 
 
 def attention_backends(device):
@@ -526,8 +527,8 @@ def chunk_forward(model, mesh, table, batch, window_frames, mode, graphs, graph_
 def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_FRAMES, window_frames=None,
              mode="fused", graphs=None, progress=False, on_chunk=None, graph_timeout_s=300):
     """Generate `frames` latent frames of a height x width (video pixels) video on the mesh's ranks.
-    text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] (float32) on every rank.
-    graphs: replay each forward from CUDA graphs (default: on GPU). on_chunk(index, seconds since the chunk
+    text [B, L, text_dim]. Returns the latents [B, 16, frames, height/8, width/8] on every rank, in float32
+    (float64 for a float64 model). graphs: replay each forward from CUDA graphs (default: on GPU). on_chunk(index, seconds since the chunk
     loop began) is called as each chunk is handed out."""
     validate(model, mesh, frames, height, width, chunk_frames, window_frames, text)
     device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
@@ -555,7 +556,7 @@ def generate(model, text, frames, height, width, seed, mesh, chunk_frames=CHUNK_
                 forward(x0, torch.zeros(batch, chunk_frames, device=device), layout)
                 commit_chunk(forward.caches, layout)
     bar.close()
-    return torch.cat(chunks, dim=2).float()
+    return torch.cat(chunks, dim=2).to(torch.promote_types(model.dtype, torch.float32))
 
 
 def denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar):
@@ -567,7 +568,7 @@ def denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar):
     shape = (batch, model.in_dim, layout.num_frames, lat_h, lat_w)
     x = noise.chunk_noise(*shape, layout.shard).to(act)
     for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
-        flow = forward(x, torch.full((batch, layout.num_frames), t, device=device), layout)
+        flow = forward(x, torch.full((batch, layout.num_frames), t, device=device, dtype=torch.float64), layout)
         x0 = x - sigma * flow
         if i + 1 < len(timesteps):
             x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise.chunk_noise(*shape, layout.shard).to(act)
