@@ -8,16 +8,22 @@ to every rank and returns the per-rank results in rank order. `fn` must be a mod
 
 A call that raises on any rank raises `RankError` here with every rank's message. If ranks raised
 differently, or a rank did not answer in time (a collective mismatch), the pool is discarded and the
-next `get_pool` starts a fresh one, so one broken example cannot poison the rest.
+next `get_pool` starts a fresh one, so one broken example cannot poison the rest. Once one rank has
+failed, the others get a few seconds: a rank that failed before a collective, leaving its peers waiting
+in it, is reported in seconds rather than after the collective timeout (Hypothesis shrinks such a
+failure through many examples).
 """
 import importlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
+import time
 import traceback
 
 COLLECTIVE_TIMEOUT_S = 60   # gloo gives up on a mismatched collective after this
 REPLY_TIMEOUT_S = 180       # the parent gives up on a rank after this
+STRAGGLER_GRACE_S = 5       # once a rank has failed, the others have this long to answer; then the pool goes
 
 
 class RankError(Exception):
@@ -75,13 +81,22 @@ class RankPool:
         """fn(*args, **kwargs) on every rank; the list of results in rank order."""
         for conn in self.conns:
             conn.send((fn, args, kwargs))
-        replies = {}
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(REPLY_TIMEOUT_S):
+        replies, waiting = {}, dict(enumerate(self.conns))
+        give_up = time.monotonic() + REPLY_TIMEOUT_S
+        while waiting:
+            for conn in multiprocessing.connection.wait(list(waiting.values()), timeout=0.2):
+                rank = self.conns.index(conn)
+                replies[rank] = conn.recv()
+                del waiting[rank]
+                if replies[rank][0] == "err":   # the others get a few seconds to fail the same way
+                    give_up = min(give_up, time.monotonic() + STRAGGLER_GRACE_S)
+            if waiting and time.monotonic() > give_up:
                 self.close()
-                raise TimeoutError(f"rank {rank} did not answer {fn.__name__} within {REPLY_TIMEOUT_S} s "
+                errors = {rank: payload for rank, (status, payload) in replies.items() if status == "err"}
+                if errors:              # one rank failed while the others wait in a collective for it
+                    raise RankError(errors)
+                raise TimeoutError(f"ranks {sorted(waiting)} did not answer {fn.__name__} within {REPLY_TIMEOUT_S} s "
                                    "(a hung collective?); the pool was discarded")
-            replies[rank] = conn.recv()
         errors = {rank: payload for rank, (status, payload) in replies.items() if status == "err"}
         if errors:
             if len(errors) != self.world_size or len({(e[0], e[1]) for e in errors.values()}) > 1:
