@@ -31,6 +31,7 @@ Run
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -46,10 +47,17 @@ def check(name, got, want, tol):
     return err
 
 
+def head_dim_problem(head_dim):
+    """What is wrong with a head_dim for the 3-axis split (a message), or None."""
+    if head_dim % 2 != 0 or head_dim < 6:
+        return f"head_dim must be even and >= 6 for the 3-axis RoPE split, got {head_dim}"
+    return None
+
+
 def axis_pairs(head_dim):
     """Complex pairs given to (time, height, width), as Wan2.1 splits head_dim."""
-    if head_dim % 2 != 0 or head_dim < 6:
-        raise ValueError(f"head_dim must be even and >= 6 for the 3-axis RoPE split, got {head_dim}")
+    if head_dim_problem(head_dim):
+        raise ValueError(head_dim_problem(head_dim))
     pairs = head_dim // 2
     return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
 
@@ -152,15 +160,63 @@ class RopeTable:
         return self.rows(chunk_first + first, chunk_first + end)
 
 
+# ----------------------------------------------------------------------------- command line (every stage's)
+
+class BadInput(ValueError):
+    """A wrong flag, file or configuration, not a bug: a stage reports it in one line, with no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The stages' argument parser: a bad flag ends the process with one line, 'error: ...' (exit code 2)."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def positive(text):
+    """argparse type: an integer >= 1."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative(text):
+    """argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def run_main(main):
+    """Run a stage's main(). BadInput (which every rank raises alike, before any collective) ends this rank
+    with one line 'error: ...' and exit code 2; any other exception is a bug and keeps its traceback."""
+    try:
+        main()
+    except BadInput as e:
+        sys.stderr.write(f"error: {e}\n")         # one write: the lines of several ranks do not interleave
+        sys.stderr.flush()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise SystemExit(2)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=6, help="latent frames (>= 3)")
-    parser.add_argument("--height", type=int, default=4)
-    parser.add_argument("--width", type=int, default=5)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser = Parser(__doc__)
+    parser.add_argument("--frames", type=positive, default=6, help="latent frames (>= 3)")
+    parser.add_argument("--height", type=positive, default=4)
+    parser.add_argument("--width", type=positive, default=5)
+    parser.add_argument("--heads", type=positive, default=3)
+    parser.add_argument("--head-dim", type=positive, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if min(args.frames, args.height, args.width) < 3:
+        parser.error("--frames, --height and --width must be >= 3 (the relative-position check uses token (2, 2, 2))")
+    if head_dim_problem(args.head_dim):
+        parser.error(f"--head-dim: {head_dim_problem(args.head_dim)}")
     is_main = int(os.environ.get("RANK", "0")) == 0  # no process group needed: every rank checks the same
 
     F, H, W, D = args.frames, args.height, args.width, args.head_dim
@@ -192,4 +248,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

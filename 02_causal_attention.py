@@ -26,7 +26,6 @@ Run
                                     one full pass with the block-causal mask
     torchrun --nproc_per_node=2 02_causal_attention.py   every rank checks, rank 0 prints
 """
-import argparse
 import importlib
 import os
 
@@ -211,16 +210,22 @@ def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=12)
-    parser.add_argument("--height", type=int, default=3)
-    parser.add_argument("--width", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--chunk-frames", type=int, default=3)
-    parser.add_argument("--window-frames", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = rope.Parser(__doc__)
+    parser.add_argument("--frames", type=rope.positive, default=12)
+    parser.add_argument("--height", type=rope.positive, default=3)
+    parser.add_argument("--width", type=rope.positive, default=4)
+    parser.add_argument("--heads", type=rope.positive, default=2)
+    parser.add_argument("--head-dim", type=rope.positive, default=16)
+    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
+    parser.add_argument("--window-frames", type=rope.positive, default=7)
+    parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
+    if args.frames % args.chunk_frames:
+        parser.error(f"--frames {args.frames} is not a whole number of chunks of --chunk-frames {args.chunk_frames}")
+    if window_problem(args.window_frames, args.chunk_frames):
+        parser.error(f"--window-frames {args.window_frames} must be >= --chunk-frames {args.chunk_frames}")
+    if rope.head_dim_problem(args.head_dim):
+        parser.error(f"--head-dim: {rope.head_dim_problem(args.head_dim)}")
     grid = (args.frames, args.height, args.width)
     n = args.frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)
@@ -238,4 +243,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    rope.run_main(main)

@@ -37,7 +37,6 @@ Run
                                                             allow, with and without a KV cache, uneven N;
                                                             prints the max error against one process
 """
-import argparse
 import datetime
 import importlib
 import os
@@ -84,13 +83,13 @@ def shard_bounds(length, parts):
 
 
 def agree(device, what, problem=None, **fields):
-    """Raise the same ValueError on every rank if any rank found a `problem` with its own input (a message,
-    or None) or if ranks passed different integer `fields`. One small all_gather of identical shape on
+    """Raise the same BadInput (a ValueError) on every rank if any rank found a `problem` with its own input
+    (a message, or None) or if ranks passed different integer `fields`. One small all_gather of identical shape on
     every rank (plus one more to share the messages if something is wrong), so it cannot hang."""
     world_size, _ = world()
     if world_size == 1:
         if problem:
-            raise ValueError(f"{what}: {problem}")
+            raise rope.BadInput(f"{what}: {problem}")
         return
     mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
@@ -100,11 +99,11 @@ def agree(device, what, problem=None, **fields):
     if failed:
         messages = [None] * world_size
         dist.all_gather_object(messages, problem)
-        raise ValueError(f"{what}: rank {failed[0]}: {messages[failed[0]]} (ranks rejecting their input: {failed})")
+        raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} (ranks rejecting their input: {failed})")
     for i, name in enumerate(fields, start=1):
         values = [row[i] for row in every]
         if len(set(values)) > 1:
-            raise ValueError(f"{what}: ranks disagree on {name}: {values} (by rank)")
+            raise rope.BadInput(f"{what}: ranks disagree on {name}: {values} (by rank)")
 
 
 class SPMesh:
@@ -133,7 +132,7 @@ class SPMesh:
             problem = f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size {world_size}"
         if local:
             if problem:
-                raise ValueError(f"SPMesh: {problem}")
+                raise rope.BadInput(f"SPMesh: {problem}")
         else:
             agree(self.device, "SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
         self.world_size, self.rank = world_size, rank
@@ -424,12 +423,12 @@ def mesh_shape(world_size, heads, ring_degree=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=61, help="tokens per chunk (need not divide the world size)")
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--chunks", type=int, default=3, help="chunks run through the KV cache")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = rope.Parser(__doc__)
+    parser.add_argument("--tokens", type=rope.positive, default=61, help="tokens per chunk (need not divide the world size)")
+    parser.add_argument("--heads", type=rope.positive, default=12)
+    parser.add_argument("--head-dim", type=rope.positive, default=32)
+    parser.add_argument("--chunks", type=rope.positive, default=3, help="chunks run through the KV cache")
+    parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
     device = init_distributed()
     world_size, rank = world()
@@ -475,4 +474,4 @@ def finish_distributed():
 
 
 if __name__ == "__main__":
-    main()
+    rope.run_main(main)

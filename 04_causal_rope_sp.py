@@ -21,7 +21,6 @@ Run
         prints each version's max error against single-process causal RoPE of the whole chunk, and the
         median time of the baseline and of Causal-RoPE SP (on GPU: bf16 and CUDA events)
 """
-import argparse
 import importlib
 import statistics
 import time
@@ -82,16 +81,21 @@ def time_ms(fn, device, warmup=3, repeats=20):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunk-frames", type=int, default=3)
-    parser.add_argument("--video-frames", type=int, default=21, help="frames of the RoPE table")
-    parser.add_argument("--start-frame", type=int, default=9)
-    parser.add_argument("--height", type=int, default=6)
-    parser.add_argument("--width", type=int, default=7)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = rope.Parser(__doc__)
+    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
+    parser.add_argument("--video-frames", type=rope.positive, default=21, help="frames of the RoPE table")
+    parser.add_argument("--start-frame", type=rope.non_negative, default=9)
+    parser.add_argument("--height", type=rope.positive, default=6)
+    parser.add_argument("--width", type=rope.positive, default=7)
+    parser.add_argument("--heads", type=rope.positive, default=4)
+    parser.add_argument("--head-dim", type=rope.positive, default=32)
+    parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
+    if args.start_frame + args.chunk_frames > args.video_frames:
+        parser.error(f"a chunk at --start-frame {args.start_frame} of {args.chunk_frames} frames does not fit "
+                     f"the table's --video-frames {args.video_frames}")
+    if rope.head_dim_problem(args.head_dim):
+        parser.error(f"--head-dim: {rope.head_dim_problem(args.head_dim)}")
     device = sp.init_distributed()
     mesh = sp.SPMesh.get(ring_degree=1)
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
@@ -125,4 +129,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    rope.run_main(main)

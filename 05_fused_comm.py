@@ -30,7 +30,6 @@ Run
         the RoPE stage (all-gather baseline vs Causal-RoPE SP), Q/K/V exchange (three vs one all-to-all)
         and the whole layer (unfused, fused, overlap)
 """
-import argparse
 import importlib
 from dataclasses import dataclass
 
@@ -215,75 +214,80 @@ def bench_main(args, device):
     x = torch.randn(1, layout.n_local, args.dim, device=device, dtype=dtype)
     q_local = torch.randn(1, layout.n_local, H, D, device=device, dtype=dtype)
     grid = (args.chunk_frames, args.height, args.width)
-    bench = lambda fn: crsp.time_ms(fn, device, warmup=args.warmup, repeats=args.repeats)
-    rows = []
+    rows = {}
+    if mesh.rank == 0:   # rows print as they are measured: at these shapes a CPU takes minutes for all of them
+        print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}), "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, chunk {grid} = "
+              f"{layout.length} tokens, {H} heads x {D}; median of {args.repeats} runs", flush=True)
+
+    def row(name, fn):
+        rows[name] = crsp.time_ms(fn, device, warmup=args.warmup, repeats=args.repeats)
+        if mesh.rank == 0:
+            print(f"  {name:<45s} {rows[name]:9.3f} ms", flush=True)
+
     with torch.no_grad():
-        rows.append(("RoPE: all-gather baseline (q)", bench(
-            lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, args.start_frame))))
-        rows.append(("RoPE: Causal-RoPE SP, positions (q)", bench(
-            lambda: crsp.causal_rope_sp_positions(q_local, grid, args.start_frame, layout.shard))))
-        rows.append(("RoPE: Causal-RoPE SP, table slice (q)", bench(
-            lambda: crsp.causal_rope_sp(q_local, table, args.start_frame, args.chunk_frames, layout.shard))))
+        row("RoPE: all-gather baseline (q)", lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, args.start_frame))
+        row("RoPE: Causal-RoPE SP, positions (q)",
+            lambda: crsp.causal_rope_sp_positions(q_local, grid, args.start_frame, layout.shard))
+        row("RoPE: Causal-RoPE SP, table slice (q)",
+            lambda: crsp.causal_rope_sp(q_local, table, args.start_frame, args.chunk_frames, layout.shard))
         compiled_rope = on_device(crsp.causal_rope_sp, q_local)
-        rows.append(("RoPE: Causal-RoPE SP, table slice, compiled", bench(
-            lambda: compiled_rope(q_local, table, args.start_frame, args.chunk_frames, layout.shard))))
+        row("RoPE: Causal-RoPE SP, table slice, compiled",
+            lambda: compiled_rope(q_local, table, args.start_frame, args.chunk_frames, layout.shard))
         if mesh.ulysses_degree > 1:   # the exchanges alone: both sides send buffers already packed
             send = torch.randn(mesh.ulysses_degree * layout.n_local, 3, 1, H // mesh.ulysses_degree, D,
                                device=device, dtype=dtype)
             singles = [send[:, i].contiguous() for i in range(3)]
-            rows.append(("Q/K/V exchange: three all-to-alls", bench(
-                lambda: [sp.exchange_rows(t, mesh, layout.length) for t in singles])))
-            rows.append(("Q/K/V exchange: one fused all-to-all", bench(
-                lambda: sp.exchange_rows(send, mesh, layout.length))))
+            row("Q/K/V exchange: three all-to-alls", lambda: [sp.exchange_rows(t, mesh, layout.length) for t in singles])
+            row("Q/K/V exchange: one fused all-to-all", lambda: sp.exchange_rows(send, mesh, layout.length))
         for mode in MODES:
-            rows.append((f"layer ({mode}), no cache", bench(lambda: layer(x, layout, mode=mode))))
+            row(f"layer ({mode}), no cache", lambda: layer(x, layout, mode=mode))
         cache = causal.KVCache(args.cache_frames * table.tokens_per_frame + layout.length)
         prefill = ShardLayout(mesh, table, 0, args.cache_frames)    # earlier frames, committed once
         layer(torch.randn(1, prefill.n_local, args.dim, device=device, dtype=dtype), prefill, cache, commit=True)
         cached = ShardLayout(mesh, table, args.cache_frames, args.chunk_frames)
         for mode in MODES:
-            rows.append((f"layer ({mode}), {args.cache_frames}-frame cache", bench(
-                lambda: layer(x, cached, cache, mode=mode))))
+            row(f"layer ({mode}), {args.cache_frames}-frame cache", lambda: layer(x, cached, cache, mode=mode))
     if mesh.rank == 0:
-        print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}), "
-              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, chunk {grid} = "
-              f"{layout.length} tokens, {H} heads x {D}; median of {args.repeats} runs")
-        for name, ms in rows:
-            print(f"  {name:<45s} {ms:9.3f} ms")
-        base = dict(rows)
-        baseline = base["RoPE: all-gather baseline (q)"]
-        print(f"  RoPE stage speed-up over the all-gather baseline: table slice {baseline / base['RoPE: Causal-RoPE SP, table slice (q)']:.1f}x, "
-              f"compiled {baseline / base['RoPE: Causal-RoPE SP, table slice, compiled']:.1f}x")
+        baseline = rows["RoPE: all-gather baseline (q)"]
+        print(f"  RoPE stage speed-up over the all-gather baseline: table slice "
+              f"{baseline / rows['RoPE: Causal-RoPE SP, table slice (q)']:.1f}x, "
+              f"compiled {baseline / rows['RoPE: Causal-RoPE SP, table slice, compiled']:.1f}x")
         if mesh.ulysses_degree > 1:
             print(f"  exchange speed-up (three / one all-to-all): "
-                  f"{base['Q/K/V exchange: three all-to-alls'] / base['Q/K/V exchange: one fused all-to-all']:.2f}x")
+                  f"{rows['Q/K/V exchange: three all-to-alls'] / rows['Q/K/V exchange: one fused all-to-all']:.2f}x")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = rope.Parser(__doc__)
     parser.add_argument("--bench", action="store_true", help="time at Wan-1.3B shapes instead of checking")
-    parser.add_argument("--ring", type=int, default=None,
+    parser.add_argument("--ring", type=rope.positive, default=None,
                         help="ring degree (Ulysses degree = world / ring); default: as much Ulysses as the heads allow")
-    parser.add_argument("--dim", type=int, default=None, help="model dim (default 48, bench 1536)")
-    parser.add_argument("--heads", type=int, default=None, help="heads (default 4, bench 12)")
-    parser.add_argument("--height", type=int, default=None, help="latent rows / 2 (default 3, bench 30)")
-    parser.add_argument("--width", type=int, default=None, help="latent columns / 2 (default 5, bench 52)")
-    parser.add_argument("--chunk-frames", type=int, default=3)
-    parser.add_argument("--chunks", type=int, default=3)
-    parser.add_argument("--video-frames", type=int, default=21)
-    parser.add_argument("--start-frame", type=int, default=9)
-    parser.add_argument("--cache-frames", type=int, default=9, help="bench: frames already in the KV cache")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dim", type=rope.positive, default=None, help="model dim (default 48, bench 1536)")
+    parser.add_argument("--heads", type=rope.positive, default=None, help="heads (default 4, bench 12)")
+    parser.add_argument("--height", type=rope.positive, default=None, help="latent rows / 2 (default 3, bench 30)")
+    parser.add_argument("--width", type=rope.positive, default=None, help="latent columns / 2 (default 5, bench 52)")
+    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
+    parser.add_argument("--chunks", type=rope.positive, default=3)
+    parser.add_argument("--video-frames", type=rope.positive, default=21)
+    parser.add_argument("--start-frame", type=rope.non_negative, default=9)
+    parser.add_argument("--cache-frames", type=rope.non_negative, default=9, help="bench: frames already in the KV cache")
+    parser.add_argument("--warmup", type=rope.non_negative, default=5)
+    parser.add_argument("--repeats", type=rope.positive, default=50)
+    parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
     for name, small, wan in (("dim", 48, 1536), ("heads", 4, 12), ("height", 3, 30), ("width", 5, 52)):
         if getattr(args, name) is None:
             setattr(args, name, wan if args.bench else small)
+    if args.dim % args.heads or rope.head_dim_problem(args.dim // args.heads):
+        parser.error(f"--dim {args.dim} must split into --heads {args.heads} heads of an even head_dim >= 6")
+    last_frame = max(args.start_frame, args.cache_frames) + args.chunk_frames if args.bench else args.chunks * args.chunk_frames
+    if last_frame > min(args.video_frames if args.bench else rope.MAX_TIME_POSITIONS, rope.MAX_TIME_POSITIONS):
+        parser.error(f"the chunks reach frame {last_frame}, past the RoPE table (--video-frames {args.video_frames})")
     device = sp.init_distributed()
     (bench_main if args.bench else check_main)(args, device)
     sp.finish_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    rope.run_main(main)

@@ -50,7 +50,6 @@ Run
         CUDA graph == eager, and 2 GPUs == 1 GPU (float32 to 1e-5; bfloat16 within bfloat16's own error)
     --exchange symm makes the all-to-alls peer copies into symmetric memory instead of NCCL calls.
 """
-import argparse
 import contextlib
 import copy
 import functools
@@ -235,15 +234,25 @@ class CausalWanModel(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_checkpoint(model, path, use_ema=False):
-    """Load a Wan2.1 / Self-Forcing checkpoint strictly; every problem names the key."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """Load a Wan2.1 / Self-Forcing checkpoint strictly. A missing, unreadable or ill-fitting file raises
+    BadInput naming the file, and the key where a key is at fault."""
+    if not os.path.isfile(path):
+        raise rope.BadInput(f"--checkpoint {path}: no such file")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:   # a legacy (pre-zip) torch.save file cannot be memory-mapped: read it whole
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- pickle and zip each fail their own way on a bad file
+        raise rope.BadInput(f"--checkpoint {path}: not a torch checkpoint (torch.load raised "
+                            f"{type(e).__name__})") from None
     if isinstance(state, dict) and ("generator" in state or "generator_ema" in state):
         key = "generator_ema" if use_ema else "generator"
         if key not in state:
-            raise ValueError(f"{path}: no '{key}' entry (has {sorted(state)})")
+            raise rope.BadInput(f"{path}: no '{key}' entry (has {sorted(state)})")
         state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise rope.BadInput(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     state = {k.replace("_fsdp_wrapped_module.", "").removeprefix("model."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -254,7 +263,7 @@ def load_checkpoint(model, path, use_ema=False):
                 [f"wrong shape {w}" for w in wrong])
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems[:10]) + more)
+        raise rope.BadInput(f"{path} does not fit the model: " + "; ".join(problems[:10]) + more)
     model.load_state_dict(state, strict=True)
 
 
@@ -330,7 +339,7 @@ def validate(model, mesh, frames, height, width, chunk_frames, window_frames, te
     problem = next((c for c in checks if c), None)                    # the first thing wrong, if any
     if mesh.world_size == 1:          # one process (maybe one rank of a job, working alone): no one to ask
         if problem:
-            raise ValueError(f"Self-Forcing pipeline: {problem}")
+            raise rope.BadInput(f"Self-Forcing pipeline: {problem}")
         return
     sp.agree(mesh.device, "Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
              chunk_frames=chunk_frames, window_frames=window_frames or 0, batch=text.shape[0] if text.dim() else -1,
@@ -578,7 +587,26 @@ def denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar):
 
 # ----------------------------------------------------------------------------- command line
 
-def save_atomically(obj, path):
+def output_problem(path):
+    """What would stop the latents from being written to `path` (a message), or None: checked before the run."""
+    if os.path.isdir(path):
+        return f"--output {path} is a directory; give a file name"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f"--output {path} is not writable"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return f"--output {path}: cannot create a file under {folder}"
+    return None
+
+
+def save_latents(obj, path):
+    """Save atomically (a temporary file renamed over `path`); a special file (/dev/null, a pipe) is written
+    directly, since a rename would replace it."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        torch.save(obj, path)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -586,10 +614,23 @@ def save_atomically(obj, path):
 
 
 def load_text(path, model, batch, seed):
+    """umT5 features [B, L, text_dim] from a tensor file ([L, text_dim] is batch 1), or random stand-ins."""
     if path is None:   # random stand-in for umT5 features (a text encoder is not part of this reference)
         return torch.randn(batch, model.text_len, model.text_dim, generator=torch.Generator().manual_seed(seed + 1))
-    text = torch.load(path, map_location="cpu", weights_only=True)
-    return text[None] if text.dim() == 2 else text
+    expected = f"a tensor [L, {model.text_dim}] or [B, L, {model.text_dim}] with L <= {model.text_len}"
+    if not os.path.isfile(path):
+        raise rope.BadInput(f"--text-embedding {path}: no such file")
+    try:
+        text = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a bad file fails inside pickle or zip in many ways
+        raise rope.BadInput(f"--text-embedding {path}: not a torch tensor file ({type(e).__name__}); "
+                            f"expected {expected}") from None
+    if not isinstance(text, torch.Tensor):
+        raise rope.BadInput(f"--text-embedding {path} holds a {type(text).__name__}; expected {expected}")
+    text = text[None] if text.dim() == 2 else text
+    if text.dim() != 3 or text.shape[2] != model.text_dim or not 1 <= text.shape[1] <= model.text_len:
+        raise rope.BadInput(f"--text-embedding {path} is {tuple(text.shape)}; expected {expected}")
+    return text
 
 
 def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
@@ -600,21 +641,21 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
     return model.to(device, dtype).eval()
 
 
-def forward_flops(model, tokens, visible_keys, text_len):
-    """Multiply-adds x 2 of one forward over `tokens` tokens attending to `visible_keys` keys: the linear
-    layers (text K/V excluded: computed once per video), self- and cross-attention. Head/embeddings ~0.1%."""
-    dim, layers = model.dim, len(model.blocks)
-    ffn_dim = model.blocks[0].ffn[0].out_features
+def forward_flops(config, tokens, visible_keys):
+    """Multiply-adds x 2 of one forward of a PRESETS config over `tokens` tokens attending to `visible_keys`
+    keys: the linear layers (text K/V excluded: computed once per video), self- and cross-attention.
+    Head and embeddings are ~0.1%."""
+    dim, layers, ffn_dim, text_len = config["dim"], config["num_layers"], config["ffn_dim"], config["text_len"]
     linear = 2 * tokens * (6 * dim * dim + 2 * dim * ffn_dim)          # q k v o, cross q o, ffn in/out
     attention = 4 * tokens * (visible_keys + text_len) * dim          # QK^T and PV, self + cross
     return layers * (linear + attention)
 
 
-def video_flops(model, frames, tokens_per_frame, chunk_frames=CHUNK_FRAMES):
+def video_flops(config, frames, tokens_per_frame, chunk_frames=CHUNK_FRAMES):
     n, total = chunk_frames * tokens_per_frame, 0
     for c in range(frames // chunk_frames):
         passes = len(DENOISING_STEPS) + (c + 1 < frames // chunk_frames)
-        total += passes * forward_flops(model, n, (c + 1) * n, model.text_len)
+        total += passes * forward_flops(config, n, (c + 1) * n)
     return total
 
 
@@ -698,8 +739,8 @@ def bench_main(args, device, mesh, dtype):
                 profiles.append(("CUDA graph", host_and_kernel_ms(one_forward)))
     first = statistics.median(r[0] for r in runs)
     total = statistics.median(r[1] for r in runs)
-    chunk_flops = forward_flops(model, layout.length, layout.length, model.text_len)
-    all_flops = video_flops(model, args.frames, table.tokens_per_frame)
+    chunk_flops = forward_flops(PRESETS[args.preset], layout.length, layout.length)
+    all_flops = video_flops(PRESETS[args.preset], args.frames, table.tokens_per_frame)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if mesh.rank == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -780,8 +821,8 @@ def verify_main(args, device, mesh):
         raise SystemExit(f"06 --verify failed: {failed}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = rope.Parser(__doc__)
     parser.add_argument("--bench", action="store_true",
                         help="time chunk forward, first chunk, whole video (random weights; use --preset wan-1.3b)")
     parser.add_argument("--verify", action="store_true",
@@ -789,21 +830,21 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="bench: profile one chunk forward on rank 0, eager and graphed (host vs kernel time)")
     parser.add_argument("--profile-dir", default=None, help="bench --profile: also write the profiler tables here")
-    parser.add_argument("--warmup", type=int, default=5, help="bench: untimed chunk forwards")
-    parser.add_argument("--repeats", type=int, default=20, help="bench: timed chunk forwards")
-    parser.add_argument("--warmup-videos", type=int, default=1, help="bench: untimed videos (compile, capture)")
-    parser.add_argument("--video-repeats", type=int, default=5, help="bench: timed videos")
+    parser.add_argument("--warmup", type=rope.non_negative, default=5, help="bench: untimed chunk forwards")
+    parser.add_argument("--repeats", type=rope.positive, default=20, help="bench: timed chunk forwards")
+    parser.add_argument("--warmup-videos", type=rope.non_negative, default=1, help="bench: untimed videos (compile, capture)")
+    parser.add_argument("--video-repeats", type=rope.positive, default=5, help="bench: timed videos")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
-    parser.add_argument("--height", type=int, default=None, help="video height in pixels (preset default)")
-    parser.add_argument("--width", type=int, default=None, help="video width in pixels (preset default)")
-    parser.add_argument("--window-frames", type=int, default=None, help="local attention window (latent frames)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=rope.positive, default=21, help="latent frames (21 = 81 video frames)")
+    parser.add_argument("--height", type=rope.positive, default=None, help="video height in pixels (preset default)")
+    parser.add_argument("--width", type=rope.positive, default=None, help="video width in pixels (preset default)")
+    parser.add_argument("--window-frames", type=rope.positive, default=None, help="local attention window (latent frames)")
+    parser.add_argument("--seed", type=rope.non_negative, default=0)
     parser.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt (random weights when absent)")
     parser.add_argument("--use-ema", action="store_true", help="take 'generator_ema' from a Self-Forcing file")
     parser.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
     parser.add_argument("--output", default="out/latents.pt")
-    parser.add_argument("--ring", type=int, default=None, help="ring degree (default: most Ulysses the heads allow)")
+    parser.add_argument("--ring", type=rope.positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--mode", choices=fused.MODES, default="fused")
@@ -813,10 +854,14 @@ def main():
                         help="GPU: the Ulysses all-to-all as NCCL calls, or as peer copies into symmetric memory")
     parser.add_argument("--graph-timeout", type=float, default=300,
                         help="seconds a CUDA graph capture and its first replay may take before every rank stops")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
+    check_flags(parser, args)
     device = sp.init_distributed()
-    if args.exchange == "symm" and device.type != "cuda":
-        parser.error("--exchange symm needs GPUs (symmetric memory is CUDA memory)")
     preset = PRESETS[args.preset]
     height, width = args.height or preset["height"], args.width or preset["width"]
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -824,17 +869,17 @@ def main():
     if args.exchange == "symm":
         mesh.use_symmetric_memory()
     if args.bench or args.verify:
-        if args.verify and device.type != "cuda":
-            parser.error("--verify compares GPU runs; on CPU the tests prove the same (python -m pytest)")
         (bench_main(args, device, mesh, dtype) if args.bench else verify_main(args, device, mesh))
         finish(args.graph_timeout)
         return
-    model = build_model(args.preset, dtype, device, args.seed, args.checkpoint, args.use_ema)
-    text = load_text(args.text_embedding, model, 1, args.seed)
-    run = lambda **kw: generate(model, text, args.frames, height, width, args.seed, mesh,
-                                window_frames=args.window_frames, mode=args.mode, graphs=graphs,
-                                graph_timeout_s=args.graph_timeout, **kw)
+    estimate = cpu_estimate(preset, args.frames, height, width) if device.type == "cpu" else None
+    if estimate and mesh.rank == 0:
+        print(estimate, flush=True)
+    model, text = read_inputs(args, dtype, device, mesh)
     graphs = device.type == "cuda" and not args.no_graph
+    run = lambda frames=args.frames, on=mesh, **kw: generate(
+        model, text, frames, height, width, args.seed, on, window_frames=args.window_frames, mode=args.mode,
+        graphs=graphs, graph_timeout_s=args.graph_timeout, **kw)
     warmup_s = None
     if device.type == "cuda":         # compile and capture before the clock starts, as a server would at start-up
         t0 = time.perf_counter()
@@ -846,8 +891,8 @@ def main():
     latents = run(progress=mesh.rank == 0, on_chunk=lambda i, s: first_chunk.append(s))
     total = time.perf_counter() - t0
     if mesh.rank == 0:
-        save_atomically({"latents": latents.cpu(), "frames": args.frames, "height": height, "width": width,
-                         "seed": args.seed, "preset": args.preset}, args.output)
+        save_latents({"latents": latents.cpu(), "frames": args.frames, "height": height, "width": width,
+                      "seed": args.seed, "preset": args.preset}, args.output)
         n_video = video_frames(args.frames)
         print(f"06_self_forcing_pipeline: {args.preset}, {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x "
               f"ring {mesh.ring_degree}), {device.type}, {dtype}, {args.frames} latent frames at {height}x{width}"
@@ -856,8 +901,73 @@ def main():
             print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
         print(f"  first chunk {first_chunk[0] * 1e3:.1f} ms, total {total:.2f} s, {n_video} video frames -> "
               f"{n_video / total:.1f} FPS; latents {tuple(latents.shape)} saved to {args.output}")
+        if mesh.world_size > 1 and args.preset == "tiny":     # cheap here: show that the sharded run is right
+            alone = run(frames=CHUNK_FRAMES, on=sp.SPMesh(1, 1, device, local=True))
+            error = (latents[:, :, :CHUNK_FRAMES] - alone).abs().max().item()
+            print(f"  first chunk on {mesh.world_size} ranks vs one process: max error {error:.1e} ({dtype})")
     finish(args.graph_timeout)
 
 
+def check_flags(parser, args):
+    """Flag checks that need nothing but the command line, so every rank fails alike, before any set-up."""
+    preset = PRESETS[args.preset]
+    step = VAE_STRIDE * PATCH[1]
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) % step:
+            parser.error(f"--{name} {getattr(args, name)} must be a multiple of {step} (8 pixels per latent "
+                         "pixel, 2 latent pixels per patch)")
+    if args.frames % CHUNK_FRAMES or args.frames > rope.MAX_TIME_POSITIONS:
+        parser.error(f"--frames {args.frames} must be a multiple of {CHUNK_FRAMES} (whole chunks) and at most "
+                     f"{rope.MAX_TIME_POSITIONS} (the RoPE table's time positions)")
+    if args.window_frames is not None and args.window_frames < CHUNK_FRAMES:
+        parser.error(f"--window-frames {args.window_frames} must be >= {CHUNK_FRAMES}: a chunk must see itself")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ring is not None and (world_size % args.ring or preset["num_heads"] % (world_size // args.ring)):
+        parser.error(f"--ring {args.ring} does not fit {world_size} rank(s): the ring degree must divide the "
+                     f"world size, and the rest (the Ulysses degree) the {preset['num_heads']} heads; choose from "
+                     f"{[r for _, r in sp.factorizations(world_size, preset['num_heads'])]}")
+    if not args.graph_timeout > 0:
+        parser.error(f"--graph-timeout must be a positive number of seconds, got {args.graph_timeout}")
+    gpu = torch.cuda.is_available()
+    if args.exchange == "symm" and not gpu:
+        parser.error("--exchange symm needs GPUs (symmetric memory is CUDA memory)")
+    if args.verify and not gpu:
+        parser.error("--verify compares GPU runs; on CPU the tests prove the same (python -m pytest)")
+
+
+def read_inputs(args, dtype, device, mesh):
+    """The model (its checkpoint, if any) and the text features, checked on every rank, with the output
+    location on rank 0 (the rank that writes), before any work: every rank then ends with the same one-line
+    error, or all go on."""
+    problem = output_problem(args.output) if mesh.rank == 0 else None
+    model = text = None
+    try:
+        model = build_model(args.preset, dtype, device, args.seed, args.checkpoint, args.use_ema)
+        text = load_text(args.text_embedding, model, 1, args.seed)
+    except rope.BadInput as e:
+        problem = problem or str(e)
+    if mesh.world_size > 1:
+        sp.agree(device, "06_self_forcing_pipeline", problem)
+    elif problem:
+        raise rope.BadInput(problem)
+    return model, text
+
+
+def cpu_estimate(config, frames, height, width):
+    """A warning line for a CPU run far beyond the tiny preset's default (its work and memory), else None."""
+    tiny = PRESETS["tiny"]
+    per_frame = lambda h, w: (h // VAE_STRIDE // PATCH[1]) * (w // VAE_STRIDE // PATCH[2])
+    flops = video_flops(config, frames, per_frame(height, width))
+    scale = video_flops(tiny, 21, per_frame(tiny["height"], tiny["width"]))
+    if flops < 100 * scale:
+        return None
+    dim, layers = config["dim"], config["num_layers"]
+    params = layers * (8 * dim * dim + 2 * dim * config["ffn_dim"]) + config["text_dim"] * dim
+    gib = 4 * (params + layers * frames * per_frame(height, width) * 2 * dim) / 2**30
+    return (f"note: this CPU run needs about {flops / 1e12:,.1f} TFLOP and {gib:.1f} GiB of float32 weights and "
+            f"cache ({flops / scale:,.0f}x the tiny preset's default run); at a few tens of GFLOP/s that is "
+            f"about {flops / 30e9 / 60:,.0f} min. A GPU, or a smaller --height/--width/--frames, fits better.")
+
+
 if __name__ == "__main__":
-    main()
+    rope.run_main(main)

@@ -81,7 +81,7 @@ def test_wrong_input_on_one_rank_raises_everywhere():
     with pytest.raises(RankError) as info:
         get_pool(2).run(wrong_input_on_one_rank)
     assert set(info.value.messages.values()) == {
-        "ValueError: CausalSelfAttention: rank 1: x is (1, 7, 16), expected [batch, 6, 16] "
+        "BadInput: CausalSelfAttention: rank 1: x is (1, 7, 16), expected [batch, 6, 16] "
         "(ranks rejecting their input: [1])"}
 
 

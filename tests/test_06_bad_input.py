@@ -1,0 +1,104 @@
+"""Bad input to stage 06 ends every rank with one line, before any work; nothing is left behind."""
+import importlib
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rank_pool import RankError, get_pool
+
+sp = importlib.import_module("03_sequence_parallel")
+sf = importlib.import_module("06_self_forcing_pipeline")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "0"], "argument --height: expected a positive integer, got '0'"),
+    (["--height", "-16"], "argument --height: expected a positive integer, got '-16'"),
+    (["--ring", "0"], "argument --ring: expected a positive integer, got '0'"),
+    (["--height", "40"], "--height 40 must be a multiple of 16"),
+    (["--frames", "7"], "--frames 7 must be a multiple of 3"),
+    (["--window-frames", "2"], "--window-frames 2 must be >= 3"),
+    (["--graph-timeout", "0"], "--graph-timeout must be a positive number of seconds"),
+])
+def test_a_bad_flag_is_one_line(argv, message, capsys):
+    parser = sf.build_parser()
+    with pytest.raises(SystemExit) as info:
+        sf.check_flags(parser, parser.parse_args(argv))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_ring_that_does_not_fit_the_ranks_names_the_choices(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = sf.build_parser()
+    with pytest.raises(SystemExit):
+        sf.check_flags(parser, parser.parse_args(["--ring", "3"]))
+    assert "--ring 3 does not fit 2 rank(s)" in capsys.readouterr().err
+
+
+def bad_files(tmp):
+    os.makedirs(tmp, exist_ok=True)
+    files = {"garbage": os.path.join(tmp, "garbage.pt"), "empty": os.path.join(tmp, "empty.pt"),
+             "dict": os.path.join(tmp, "dict.pt"), "folder": os.path.join(tmp, "folder"),
+             "under_a_file": os.path.join(tmp, "garbage.pt", "latents.pt")}
+    with open(files["garbage"], "w") as f:
+        f.write("not a checkpoint")
+    open(files["empty"], "w").close()
+    torch.save({"a": torch.zeros(2)}, files["dict"])
+    os.makedirs(files["folder"], exist_ok=True)
+    return files
+
+
+def read_inputs_on_rank(overrides):
+    """Stage 06's input checks on this rank, with the default flags except `overrides`."""
+    args = sf.build_parser().parse_args([])
+    vars(args).update(overrides)
+    sf.read_inputs(args, torch.float32, torch.device("cpu"), sp.SPMesh.get(2, 1))
+    return "ok"
+
+
+@pytest.mark.parametrize("what, overrides, message", [
+    ("garbage checkpoint", {"checkpoint": "garbage"}, "garbage.pt: not a torch checkpoint (torch.load raised"),
+    ("empty checkpoint", {"checkpoint": "empty"}, "empty.pt: not a torch checkpoint (torch.load raised EOFError)"),
+    ("missing checkpoint", {"checkpoint": "missing"}, "missing.pt: no such file"),
+    ("text is a dict", {"text_embedding": "dict"}, "dict.pt holds a dict; expected a tensor [L, 32]"),
+    ("text is garbage", {"text_embedding": "garbage"}, "garbage.pt: not a torch tensor file"),
+    ("output is a folder", {"output": "folder"}, "folder is a directory; give a file name"),
+    ("output under a file", {"output": "under_a_file"}, "cannot create a file under"),
+])
+def test_bad_files_stop_every_rank_with_the_same_line(tmp_path, what, overrides, message):
+    files = bad_files(str(tmp_path))
+    files["missing"] = str(tmp_path / "missing.pt")
+    with pytest.raises(RankError) as info:
+        get_pool(2).run(read_inputs_on_rank, {k: files[v] for k, v in overrides.items()})
+    messages = info.value.messages
+    assert sorted(messages) == [0, 1] and len(set(messages.values())) == 1, messages
+    assert messages[0].startswith("BadInput: 06_self_forcing_pipeline: rank 0: ") and message in messages[0], messages
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_the_command_prints_one_line_and_no_traceback(tmp_path):
+    garbage = bad_files(str(tmp_path))["garbage"]
+    proc = subprocess.run([sys.executable, "06_self_forcing_pipeline.py", "--checkpoint", garbage,
+                           "--output", str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: --checkpoint {garbage}: not a torch checkpoint (torch.load raised "
+                                        "UnpicklingError)"], proc.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_special_file_is_written_in_place(tmp_path):
+    sf.save_latents({"latents": torch.zeros(1)}, os.devnull)
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    sf.save_latents({"latents": torch.ones(1)}, str(tmp_path / "a" / "latents.pt"))
+    assert torch.load(tmp_path / "a" / "latents.pt")["latents"].item() == 1 and os.listdir(tmp_path / "a") == ["latents.pt"]
+
+
+def test_a_cpu_run_far_beyond_the_tiny_preset_says_so():
+    assert sf.cpu_estimate(sf.PRESETS["tiny"], 21, 64, 96) is None
+    line = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], 21, 480, 832)
+    assert line.startswith("note: this CPU run needs about") and "TFLOP" in line and "GiB" in line
