@@ -55,6 +55,7 @@ import copy
 import functools
 import gc
 import importlib
+import json
 import math
 import os
 import statistics
@@ -233,11 +234,85 @@ class CausalWanModel(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_checkpoint(model, path, use_ema=False):
-    """Load a Wan2.1 / Self-Forcing checkpoint strictly. A missing, unreadable or ill-fitting file raises
-    BadInput naming the file, and the key where a key is at fault."""
-    if not os.path.isfile(path):
-        raise rope.BadInput(f"--checkpoint {path}: no such file")
+# Wan2.1's original names for diffusers' WanTransformer3DModel names: the inverse of the renaming in diffusers'
+# scripts/convert_wan_to_diffusers.py. Whole dot-separated segments are matched; the first match wins.
+DIFFUSERS_TO_WAN = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("proj_out", "head.head"),
+    *((f"attn{i}.{theirs}", f"{ours}.{mine}") for i, ours in ((1, "self_attn"), (2, "cross_attn"))
+      for theirs, mine in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"),
+                           ("norm_q", "norm_q"), ("norm_k", "norm_k"))),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    ("norm2", "norm3"),                    # the affine norm before cross-attention
+    ("scale_shift_table", "modulation"),   # a block's; the model's own (the head's) is named below
+)
+
+
+def rename(name, table, whole=None):
+    """`name` with the first matching (from, to) segment run of `table` replaced; `whole` renames one full
+    name (the top-level scale_shift_table, which is the head's modulation)."""
+    if whole and name in whole:
+        return whole[name]
+    dotted = f".{name}."
+    for old, new in table:
+        if f".{old}." in dotted:
+            return dotted.replace(f".{old}.", f".{new}.", 1)[1:-1]
+    return name
+
+
+def wan_name(diffusers_name):
+    return rename(diffusers_name, DIFFUSERS_TO_WAN, {"scale_shift_table": "head.modulation"})
+
+
+def diffusers_name(wan):
+    return rename(wan, [(ours, theirs) for theirs, ours in DIFFUSERS_TO_WAN], {"head.modulation": "scale_shift_table"})
+
+
+def read_safetensors(files):
+    """The tensors of safetensors files, each problem naming its file."""
+    from safetensors.torch import load_file
+    state = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise rope.BadInput(f"--checkpoint: shard {file} is missing")
+        try:
+            state.update(load_file(file))
+        except Exception as e:  # noqa: BLE001 -- a truncated or corrupt file fails inside the parser
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            raise rope.BadInput(f"--checkpoint {file}: not a readable safetensors file ({reason})") from None
+    return state
+
+
+def safetensors_files(path):
+    """The files of a safetensors checkpoint: one file, an *.index.json and its shards, or a folder of
+    either (a diffusers release's top folder counts as its transformer/ folder)."""
+    if os.path.isdir(path):
+        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+        names = sorted(os.listdir(folder))
+        index = [n for n in names if n.endswith(".safetensors.index.json")]
+        if index:
+            return safetensors_files(os.path.join(folder, index[0]))
+        files = [os.path.join(folder, n) for n in names if n.endswith(".safetensors")]
+        if not files:
+            raise rope.BadInput(f"--checkpoint {path}: no .safetensors files in {folder}")
+        return files
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise rope.BadInput(f"--checkpoint {path}: not a safetensors index ({type(e).__name__})") from None
+        return [os.path.join(os.path.dirname(path), shard) for shard in sorted(set(weight_map.values()))]
+    return [path]
+
+
+def read_torch_checkpoint(path, use_ema):
+    """A torch .pt checkpoint's tensors: a plain state dict, or Self-Forcing's layout."""
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -253,7 +328,29 @@ def load_checkpoint(model, path, use_ema=False):
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise rope.BadInput(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    state = {k.replace("_fsdp_wrapped_module.", "").removeprefix("model."): v for k, v in state.items()}
+    return {k.replace("_fsdp_wrapped_module.", "").removeprefix("model."): v for k, v in state.items()}
+
+
+def read_weights(path, use_ema=False):
+    """A checkpoint's tensors under Wan2.1's original names, from any of the forms people have:
+      * a torch .pt: a plain Wan2.1 state dict, or Self-Forcing's {'generator' | 'generator_ema': ...};
+      * Wan2.1's release: diffusion_pytorch_model.safetensors, or shards with their *.index.json;
+      * a diffusers release (its folder, or its transformer/ folder): WanTransformer3DModel names, renamed."""
+    if not os.path.exists(path):
+        raise rope.BadInput(f"--checkpoint {path}: no such file or folder")
+    if os.path.isdir(path) or path.endswith((".safetensors", ".json")):
+        state = read_safetensors(safetensors_files(path))
+    else:
+        state = read_torch_checkpoint(path, use_ema)
+    if "scale_shift_table" in state or any(k.startswith("condition_embedder.") for k in state):
+        state = {wan_name(k): v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model, path, use_ema=False):
+    """Load a checkpoint (any form read_weights reads) strictly: a missing, unreadable or ill-fitting file
+    raises BadInput naming the file, and the key where a key is at fault."""
+    state = read_weights(path, use_ema)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
