@@ -55,6 +55,7 @@ import copy
 import functools
 import gc
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -682,19 +683,82 @@ def denoise_chunk(forward, layout, noise, batch, lat_h, lat_w, bar):
     return x0
 
 
+# ----------------------------------------------------------------------------- optional: prompt in, video out
+
+EXTRAS = "pip install diffusers transformers imageio imageio-ffmpeg"
+
+
+def extras_problem(prompt, video, wan_folder, text_embedding):
+    """What stops --prompt / --video (a message), or None. Both use a local Wan2.1 diffusers release
+    (text_encoder/ and tokenizer/ for the prompt, vae/ for the video) through the optional packages."""
+    if not (prompt or video):
+        return None
+    if prompt and text_embedding:
+        return "give --prompt or --text-embedding, not both"
+    packages = ["diffusers", "transformers"] + (["imageio", "imageio_ffmpeg"] if video else [])
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"--prompt and --video need the optional packages {', '.join(missing)}: {EXTRAS}"
+    if not wan_folder:
+        return "--prompt and --video need --wan-folder: a local Wan2.1 diffusers release (text_encoder/, tokenizer/, vae/)"
+    needed = (["text_encoder", "tokenizer"] if prompt else []) + (["vae"] if video else [])
+    absent = [name for name in needed if not os.path.isdir(os.path.join(wan_folder, name))]
+    if absent:
+        return f"--wan-folder {wan_folder} has no {' or '.join(absent)} folder"
+    return None
+
+
+@torch.no_grad()
+def encode_prompt(wan_folder, prompt, text_len, device):
+    """umT5 features [1, L, 4096] of a prompt, made as diffusers' WanPipeline makes them: whitespace
+    squeezed, the encoder's last hidden state, cut to the prompt's own L tokens (the model pads to text_len)."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(wan_folder, "tokenizer"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    encoder = UMT5EncoderModel.from_pretrained(os.path.join(wan_folder, "text_encoder"), torch_dtype=dtype)
+    tokens = tokenizer([" ".join(prompt.split())], padding="max_length", max_length=text_len, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    hidden = encoder.to(device).eval()(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
+    return hidden[:, :int(tokens.attention_mask.sum())].float().cpu()
+
+
+@torch.no_grad()
+def decode_to_video(wan_folder, latents, path, device, fps=16):
+    """Latents [1, 16, F, H/8, W/8] -> an mp4 of 4(F-1)+1 frames of H x W, through the Wan VAE of a
+    diffusers release (latents un-normalised with the VAE's own mean and std, as WanPipeline does)."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.utils import export_to_video
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(wan_folder, "vae"), torch_dtype=torch.float32).to(device).eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
+    video = vae.decode(latents.to(device, torch.float32) * std + mean, return_dict=False)[0]   # [1, 3, T, H, W]
+    frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()              # [T, H, W, 3]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    export_to_video(list(frames), path, fps=fps)
+    return len(frames)
+
+
+def prompt_features(args, device, mesh, text_len):
+    """Rank 0 encodes the prompt; every rank gets the features (one small broadcast)."""
+    features = [encode_prompt(args.wan_folder, args.prompt, text_len, device) if mesh.rank == 0 else None]
+    if mesh.world_size > 1:
+        dist.broadcast_object_list(features, src=0)
+    return features[0]
+
+
 # ----------------------------------------------------------------------------- command line
 
-def output_problem(path):
+def output_problem(path, flag="--output"):
     """What would stop the latents from being written to `path` (a message), or None: checked before the run."""
     if os.path.isdir(path):
-        return f"--output {path} is a directory; give a file name"
+        return f"{flag} {path} is a directory; give a file name"
     if os.path.exists(path):
-        return None if os.access(path, os.W_OK) else f"--output {path} is not writable"
+        return None if os.access(path, os.W_OK) else f"{flag} {path} is not writable"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        return f"--output {path}: cannot create a file under {folder}"
+        return f"{flag} {path}: cannot create a file under {folder}"
     return None
 
 
@@ -940,6 +1004,9 @@ def build_parser():
     parser.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt (random weights when absent)")
     parser.add_argument("--use-ema", action="store_true", help="take 'generator_ema' from a Self-Forcing file")
     parser.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
+    parser.add_argument("--prompt", help="a text prompt, encoded with the umT5 of --wan-folder (optional packages)")
+    parser.add_argument("--video", help="also decode the latents to this mp4 with the VAE of --wan-folder")
+    parser.add_argument("--wan-folder", help="a local Wan2.1 diffusers release (text_encoder/, tokenizer/, vae/)")
     parser.add_argument("--output", default="out/latents.pt")
     parser.add_argument("--ring", type=rope.positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
@@ -973,6 +1040,11 @@ def main():
     if estimate and mesh.rank == 0:
         print(estimate, flush=True)
     model, text = read_inputs(args, dtype, device, mesh)
+    if args.prompt:
+        t0 = time.perf_counter()
+        text = prompt_features(args, device, mesh, model.text_len)
+        if mesh.rank == 0:
+            print(f"prompt: {text.shape[1]} umT5 tokens in {time.perf_counter() - t0:.1f} s (not in the figures below)")
     graphs = device.type == "cuda" and not args.no_graph
     run = lambda frames=args.frames, on=mesh, **kw: generate(
         model, text, frames, height, width, args.seed, on, window_frames=args.window_frames, mode=args.mode,
@@ -998,6 +1070,11 @@ def main():
             print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
         print(f"  first chunk {first_chunk[0] * 1e3:.1f} ms, total {total:.2f} s, {n_video} video frames -> "
               f"{n_video / total:.1f} FPS; latents {tuple(latents.shape)} saved to {args.output}")
+        if args.video:
+            t0 = time.perf_counter()
+            count = decode_to_video(args.wan_folder, latents, args.video, device)
+            print(f"  video: {count} frames decoded by the Wan VAE in {time.perf_counter() - t0:.1f} s (apart from "
+                  f"the DiT's time), saved to {args.video}")
         if mesh.world_size > 1 and args.preset == "tiny":     # cheap here: show that the sharded run is right
             alone = run(frames=CHUNK_FRAMES, on=sp.SPMesh(1, 1, device, local=True))
             error = (latents[:, :, :CHUNK_FRAMES] - alone).abs().max().item()
@@ -1025,6 +1102,9 @@ def check_flags(parser, args):
                      f"{[r for _, r in sp.factorizations(world_size, preset['num_heads'])]}")
     if not args.graph_timeout > 0:
         parser.error(f"--graph-timeout must be a positive number of seconds, got {args.graph_timeout}")
+    problem = extras_problem(args.prompt, args.video, args.wan_folder, args.text_embedding)
+    if problem:
+        parser.error(problem)
     gpu = torch.cuda.is_available()
     if args.exchange == "symm" and not gpu:
         parser.error("--exchange symm needs GPUs (symmetric memory is CUDA memory)")
@@ -1036,7 +1116,8 @@ def read_inputs(args, dtype, device, mesh):
     """The model (its checkpoint, if any) and the text features, checked on every rank, with the output
     location on rank 0 (the rank that writes), before any work: every rank then ends with the same one-line
     error, or all go on."""
-    problem = output_problem(args.output) if mesh.rank == 0 else None
+    outputs = [("--output", args.output)] + ([("--video", args.video)] if args.video else [])
+    problem = next(filter(None, (output_problem(path, flag) for flag, path in outputs)), None) if mesh.rank == 0 else None
     model = text = None
     try:
         model = build_model(args.preset, dtype, device, args.seed, args.checkpoint, args.use_ema)

@@ -83,7 +83,7 @@ def test_diffusers_wan_model_has_exactly_these_names_and_computes_the_same():
 
 @pytest.mark.parametrize("damage, message", [
     (lambda path: open(path, "r+b").truncate(os.path.getsize(path) // 2), "not a readable safetensors file"),
-    (lambda path: open(path, "wb").write(b"\\x00" * 64), "not a readable safetensors file"),
+    (lambda path: open(path, "wb").write(b"\x00" * 64), "not a readable safetensors file"),
     (lambda path: os.remove(path), "is missing"),
 ])
 def test_a_damaged_safetensors_checkpoint_is_named(tmp_path, damage, message):
