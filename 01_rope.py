@@ -169,11 +169,19 @@ class BadInput(ValueError):
 class Parser(argparse.ArgumentParser):
     """The stages' argument parser: a bad flag ends the process with one line, 'error: ...' (exit code 2)."""
 
-    def __init__(self, doc):
+    def __init__(self, doc, rope_head_dim=False):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.rope_head_dim = rope_head_dim          # check that --head-dim splits over the 3 RoPE axes
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+    def parse_args(self, *args, **kwargs):
+        """Parse, and (for a stage that rotates) check that --head-dim splits over the 3 RoPE axes."""
+        parsed = super().parse_args(*args, **kwargs)
+        if self.rope_head_dim and head_dim_problem(parsed.head_dim):
+            self.error(f"--head-dim: {head_dim_problem(parsed.head_dim)}")
+        return parsed
 
 
 def positive(text):
@@ -205,7 +213,7 @@ def run_main(main):
 
 
 def main():
-    parser = Parser(__doc__)
+    parser = Parser(__doc__, rope_head_dim=True)
     parser.add_argument("--frames", type=positive, default=6, help="latent frames (>= 3)")
     parser.add_argument("--height", type=positive, default=4)
     parser.add_argument("--width", type=positive, default=5)
@@ -215,8 +223,6 @@ def main():
     args = parser.parse_args()
     if min(args.frames, args.height, args.width) < 3:
         parser.error("--frames, --height and --width must be >= 3 (the relative-position check uses token (2, 2, 2))")
-    if head_dim_problem(args.head_dim):
-        parser.error(f"--head-dim: {head_dim_problem(args.head_dim)}")
     is_main = int(os.environ.get("RANK", "0")) == 0  # no process group needed: every rank checks the same
 
     F, H, W, D = args.frames, args.height, args.width, args.head_dim

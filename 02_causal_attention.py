@@ -210,7 +210,7 @@ def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None):
 
 
 def main():
-    parser = rope.Parser(__doc__)
+    parser = rope.Parser(__doc__, rope_head_dim=True)
     parser.add_argument("--frames", type=rope.positive, default=12)
     parser.add_argument("--height", type=rope.positive, default=3)
     parser.add_argument("--width", type=rope.positive, default=4)
@@ -224,8 +224,6 @@ def main():
         parser.error(f"--frames {args.frames} is not a whole number of chunks of --chunk-frames {args.chunk_frames}")
     if window_problem(args.window_frames, args.chunk_frames):
         parser.error(f"--window-frames {args.window_frames} must be >= --chunk-frames {args.chunk_frames}")
-    if rope.head_dim_problem(args.head_dim):
-        parser.error(f"--head-dim: {rope.head_dim_problem(args.head_dim)}")
     grid = (args.frames, args.height, args.width)
     n = args.frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)

@@ -81,7 +81,7 @@ def time_ms(fn, device, warmup=3, repeats=20):
 
 
 def main():
-    parser = rope.Parser(__doc__)
+    parser = rope.Parser(__doc__, rope_head_dim=True)
     parser.add_argument("--chunk-frames", type=rope.positive, default=3)
     parser.add_argument("--video-frames", type=rope.positive, default=21, help="frames of the RoPE table")
     parser.add_argument("--start-frame", type=rope.non_negative, default=9)
@@ -94,8 +94,6 @@ def main():
     if args.start_frame + args.chunk_frames > args.video_frames:
         parser.error(f"a chunk at --start-frame {args.start_frame} of {args.chunk_frames} frames does not fit "
                      f"the table's --video-frames {args.video_frames}")
-    if rope.head_dim_problem(args.head_dim):
-        parser.error(f"--head-dim: {rope.head_dim_problem(args.head_dim)}")
     device = sp.init_distributed()
     mesh = sp.SPMesh.get(ring_degree=1)
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
