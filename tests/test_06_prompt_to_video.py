@@ -64,8 +64,8 @@ def test_the_command_goes_from_a_prompt_to_a_video(wan_folder, tmp_path):
 
 
 def test_without_the_extras_the_flags_say_what_to_install(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    present = object()    # as if every optional package but diffusers were installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else present)
     message = sf.extras_problem("a fox", None, "/anywhere", None)
     assert message == f"--prompt and --video need the optional packages diffusers: {sf.EXTRAS}"
     assert sf.extras_problem(None, None, None, None) is None
