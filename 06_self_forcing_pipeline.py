@@ -42,8 +42,10 @@ Run
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --checkpoint self_forcing_dmd.pt \\
         --text-embedding prompt_umt5.pt --output out/latents.pt
-    Prints first-chunk latency, total time and frames per second; saves the latents (VAE decoding is
-    not part of this reference). On GPU:
+    Prints first-chunk latency, total time and frames per second; saves the latents. With the optional
+    packages (diffusers, transformers, imageio) and a local Wan2.1 diffusers release, a prompt goes in and
+    an mp4 comes out: --wan-folder Wan2.1-T2V-1.3B-Diffusers --prompt "a red fox" --video out/fox.mp4.
+    On GPU:
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --bench --profile
         warm-up, chunk forward, first chunk, whole video, FPS; host vs kernel time per forward (rank 0)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --verify --frames 9
@@ -776,7 +778,7 @@ def save_latents(obj, path):
 
 def load_text(path, model, batch, seed):
     """umT5 features [B, L, text_dim] from a tensor file ([L, text_dim] is batch 1), or random stand-ins."""
-    if path is None:   # random stand-in for umT5 features (a text encoder is not part of this reference)
+    if path is None:   # random stand-in for umT5 features (--prompt encodes real ones)
         return torch.randn(batch, model.text_len, model.text_dim, generator=torch.Generator().manual_seed(seed + 1))
     expected = f"a tensor [L, {model.text_dim}] or [B, L, {model.text_dim}] with L <= {model.text_len}"
     if not os.path.isfile(path):
