@@ -21,6 +21,9 @@ Shapes
                                  operands without a copy (flash attention's native memory layout)
     block_causal_mask:           [tokens, tokens] bool, True = may attend
 
+Uses
+    01_rope: causal_rope (the rotation, applied per chunk with its start_frame); check and the command line
+
 Run
     python 02_causal_attention.py   the chunked run with the KV cache (with and without a window) equals
                                     one full pass with the block-causal mask

@@ -31,6 +31,10 @@ Shapes
                                    source sends is one contiguous row range of the receive buffer)
     K/V (cache + chunk) per rank:  [tokens of its ring shard, 2, batch, heads / U, head_dim]
 
+Uses
+    01_rope: check, BadInput and the command line
+    02_causal_attention: KVCache, heads_major, fast_attention; attention and block_causal_mask (the reference)
+
 Run
     python 03_sequence_parallel.py                          (one process: the degenerate mesh 1 x 1)
     torchrun --nproc_per_node=4 03_sequence_parallel.py     every Ulysses x ring factorization the heads
@@ -64,10 +68,6 @@ def init_distributed(timeout_s=600):
 
 def world():
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-def is_main_process():
-    return world()[1] == 0
 
 
 def shard_bounds(length, parts):

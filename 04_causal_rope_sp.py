@@ -15,6 +15,10 @@ The idea
 Shapes
     x_local: [batch, n_local, heads, head_dim]   (this rank's contiguous shard of the chunk)
 
+Uses
+    01_rope: RopeTable, apply_rope, axis_angles / axis_pairs, causal_rope (the reference)
+    03_sequence_parallel: SPMesh, gather_tokens (the baseline's all-gather), init_distributed
+
 Run
     python 04_causal_rope_sp.py
     torchrun --nproc_per_node=4 04_causal_rope_sp.py [--height 60 --width 104 --heads 12 --head-dim 128]

@@ -22,6 +22,11 @@ Shapes
     parameter names:        q, k, v, o (Linear dim->dim), norm_q, norm_k (RMSNorm over the full dim):
                             Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
 
+Uses
+    01_rope: RopeTable, apply_rope      02_causal_attention: KVCache
+    03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention (the unfused layer)
+    04_causal_rope_sp: causal_rope_sp (the unfused layer); its baselines and time_ms for --bench
+
 Run
     python 05_fused_comm.py                         fused == overlap == unfused == one process
     torchrun --nproc_per_node=4 05_fused_comm.py    the same on 4 ranks (Ulysses; 2-D meshes via --ring)

@@ -37,6 +37,11 @@ Shapes (wan-1.3b, 480x832)
     x per rank: [batch, n_local, 1536] residual stream in the model dtype (bf16 on GPU, as upstream)
     text: [batch, 512, 4096] umT5 features -> per block cross-attention K/V [batch, 12, 512, 128]
 
+Uses
+    01_rope: RopeTable      02_causal_attention: KVCache, window_problem
+    03_sequence_parallel: SPMesh, agree, gather_tokens, ring_shard_of, mesh_shape
+    04_causal_rope_sp: time_ms (--bench)      05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, on_device
+
 Run
     python 06_self_forcing_pipeline.py                              tiny preset, one process
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
