@@ -29,7 +29,6 @@ Run
     torchrun --nproc_per_node=2 01_rope.py   every rank runs the same checks, rank 0 prints
 """
 import argparse
-import math
 import os
 import sys
 

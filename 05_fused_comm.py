@@ -39,7 +39,6 @@ import importlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 rope = importlib.import_module("01_rope")
