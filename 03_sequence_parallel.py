@@ -84,8 +84,8 @@ def shard_bounds(length, parts):
 
 def agree(device, what, problem=None, **fields):
     """Raise the same BadInput (a ValueError) on every rank if any rank found a `problem` with its own input
-    (a message, or None) or if ranks passed different integer `fields`. One small all_gather of identical shape on
-    every rank (plus one more to share the messages if something is wrong), so it cannot hang."""
+    (a message, or None) or if ranks passed different integer `fields`. One small all_gather of identical
+    shape on every rank (plus one more to share the messages if something is wrong), so it cannot hang."""
     world_size, _ = world()
     if world_size == 1:
         if problem:
@@ -157,6 +157,15 @@ class SPMesh:
         if len(all_ranks[0]) in (1, self.world_size):
             return None if len(all_ranks[0]) == 1 else dist.group.WORLD
         return [dist.new_group(ranks) for ranks in all_ranks][mine]
+
+    def agree(self, what, problem=None, **fields):
+        """`agree` among this mesh's ranks. A mesh of one process (the single-process reference, which may
+        run on one rank of a job while the others wait) has no one to ask: it raises its own problem."""
+        if self.world_size == 1:
+            if problem:
+                raise rope.BadInput(f"{what}: {problem}")
+            return
+        agree(self.device, what, problem, **fields)
 
     def heads_problem(self, heads):
         if heads % self.ulysses_degree:
@@ -350,7 +359,7 @@ def check_shapes(mesh, q, k, v, chunk):
     else:
         problem = mesh.heads_problem(q.shape[2])
     batch, _, heads, head_dim = q.shape if q.dim() == 4 else (-1, -1, -1, -1)
-    agree(mesh.device, "sequence-parallel attention", problem, batch=batch, heads=heads, head_dim=head_dim,
+    mesh.agree("sequence-parallel attention", problem, batch=batch, heads=heads, head_dim=head_dim,
           chunk_first=chunk[0], chunk_end=chunk[1])
 
 

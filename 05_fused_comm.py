@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         problem = layout.mesh.heads_problem(self.num_heads)
         if x.dim() != 3 or x.shape[1] != layout.n_local or x.shape[2] != self.dim:
             problem = f"x is {tuple(x.shape)}, expected [batch, {layout.n_local}, {self.dim}]"
-        sp.agree(layout.mesh.device, "CausalSelfAttention", problem, batch=x.shape[0] if x.dim() else -1,
+        layout.mesh.agree("CausalSelfAttention", problem, batch=x.shape[0] if x.dim() else -1,
                  dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
 
     def forward(self, x, layout, cache=None, commit=False, mode="fused", check=False):

@@ -442,11 +442,7 @@ def validate(model, mesh, frames, height, width, chunk_frames, window_frames, te
         mesh.heads_problem(model.num_heads),
     ]
     problem = next((c for c in checks if c), None)                    # the first thing wrong, if any
-    if mesh.world_size == 1:          # one process (maybe one rank of a job, working alone): no one to ask
-        if problem:
-            raise rope.BadInput(f"Self-Forcing pipeline: {problem}")
-        return
-    sp.agree(mesh.device, "Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
+    mesh.agree("Self-Forcing pipeline", problem, frames=frames, height=lat_h, width=lat_w,
              chunk_frames=chunk_frames, window_frames=window_frames or 0, batch=text.shape[0] if text.dim() else -1,
              weights=parameter_fingerprint(model))
 
@@ -1132,8 +1128,8 @@ def read_inputs(args, dtype, device, mesh):
     except rope.BadInput as e:
         problem = problem or str(e)
     if mesh.world_size > 1:
-        sp.agree(device, "06_self_forcing_pipeline", problem)
-    elif problem:
+        mesh.agree("06_self_forcing_pipeline", problem)
+    elif problem:                     # one process: the file's own line, with no stage or rank before it
         raise rope.BadInput(problem)
     return model, text
 
