@@ -23,6 +23,11 @@ Two ways to rotate, which must agree:
                                             (https://github.com/guandeh17/Self-Forcing causal_model.py)
     apply_rope(x, *table.rows(first, end))  slices the precomputed table
 
+Shared by every stage
+    The file ends with the small harness the later stages use: `check` (max error against a reference,
+    raising past a tolerance), the command line (`Parser`, `run_main`, `BadInput`: a bad flag or input is
+    one line, no traceback) and timing (`time_ms`, `Timings`) for the benchmarks of stages 04-06.
+
 Run
     python 01_rope.py                 checks norm preservation, relative positions, table == on-the-fly,
                                       and chunk(start_frame=s) == frames s.. of the whole video
@@ -30,20 +35,14 @@ Run
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 THETA = 10000.0
 MAX_TIME_POSITIONS = 1024  # upstream builds 1024 rows per axis; longer videos overflow it
-
-
-def check(name, got, want, tol):
-    """Max abs error of `got` against `want`; raises if it exceeds `tol` (self-checks must fail loudly)."""
-    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-    if not err <= tol:  # also catches NaN
-        raise AssertionError(f"{name}: max error {err:.3e} exceeds tolerance {tol:.1e}")
-    return err
 
 
 def head_dim_problem(head_dim):
@@ -68,7 +67,7 @@ def axis_angles(positions, num_pairs, theta=THETA):
 
 
 def grid_angles(head_dim, frame_positions, height, width, theta=THETA):
-    """Angles [len(frame_positions) * height * width, head_dim // 2] for tokens in (frame, row, column) order."""
+    """Angles [len(frame_positions) * height * width, head_dim // 2], tokens in (frame, row, column) order."""
     t_pairs, h_pairs, w_pairs = axis_pairs(head_dim)
     frames = len(frame_positions)
     t = axis_angles(frame_positions, t_pairs, theta)                    # [frames, t_pairs]
@@ -155,11 +154,21 @@ class RopeTable:
         chunk_first = start_frame * self.tokens_per_frame
         first, end = shard if shard is not None else (0, num_frames * self.tokens_per_frame)
         if not 0 <= first <= end <= num_frames * self.tokens_per_frame:
-            raise ValueError(f"shard {shard} is outside a chunk of {num_frames * self.tokens_per_frame} tokens")
+            raise ValueError(f"shard {shard} is outside a chunk of {num_frames * self.tokens_per_frame} "
+                             "tokens")
         return self.rows(chunk_first + first, chunk_first + end)
 
 
-# ----------------------------------------------------------------------------- command line (every stage's)
+# ----------------------------------------------------------------------------- what every stage shares
+# Self-checks, the command line and timing: scaffolding, kept here once so that each stage is its concept.
+
+def check(name, got, want, tol):
+    """Max abs error of `got` against `want`; raises if it exceeds `tol` (self-checks must fail loudly)."""
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(f"{name}: max error {err:.3e} exceeds tolerance {tol:.1e}")
+    return err
+
 
 class BadInput(ValueError):
     """A wrong flag, file or configuration, not a bug: a stage reports it in one line, with no traceback."""
@@ -211,6 +220,48 @@ def run_main(main):
         raise SystemExit(2)
 
 
+def time_ms(fn, device, warmup=3, repeats=20):
+    """Median wall time of fn() in ms: CUDA events on GPU (after warm-up), perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class Timings:
+    """The benchmark table of stages 04-06: named times in ms, each printed as it is measured (where `show`,
+    i.e. on rank 0), with its speed-up over an earlier row when asked."""
+
+    def __init__(self, device, show=True, warmup=3, repeats=20):
+        self.device, self.show, self.warmup, self.repeats = device, show, warmup, repeats
+        self.ms = {}
+
+    def add(self, name, ms, note="", versus=None):
+        """Record (and print) a time measured elsewhere."""
+        self.ms[name] = ms
+        if versus is not None:
+            note = f"{note}   {self.ms[versus] / ms:5.1f}x vs {versus}".strip()
+        if self.show:
+            print(f"  {name:<44s} {ms:10.3f} ms   {note}".rstrip(), flush=True)
+        return ms
+
+    def time(self, name, fn, note="", versus=None):
+        """Median time of fn() (time_ms), recorded and printed."""
+        return self.add(name, time_ms(fn, self.device, self.warmup, self.repeats), note, versus)
+
+
 def main():
     parser = Parser(__doc__, rope_head_dim=True)
     parser.add_argument("--frames", type=positive, default=6, help="latent frames (>= 3)")
@@ -221,7 +272,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if min(args.frames, args.height, args.width) < 3:
-        parser.error("--frames, --height and --width must be >= 3 (the relative-position check uses token (2, 2, 2))")
+        parser.error("--frames, --height and --width must be >= 3 "
+                     "(the relative-position check uses token (2, 2, 2))")
     is_main = int(os.environ.get("RANK", "0")) == 0  # no process group needed: every rank checks the same
 
     F, H, W, D = args.frames, args.height, args.width, args.head_dim

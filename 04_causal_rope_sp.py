@@ -3,7 +3,7 @@
 The idea
     Under sequence parallelism a rank holds tokens first..end-1 of a chunk whose first frame is global
     frame `start_frame`. The obvious way to apply causal RoPE is the baseline:
-        all-gather the chunk -> rotate the whole chunk (angles on the fly, float64, as upstream) -> keep my slice
+        all-gather the chunk -> rotate all of it (angles on the fly, float64, as upstream) -> keep my slice
     which moves the whole chunk over the network and rotates world_size times more tokens than needed.
 
     Causal-RoPE SP needs no communication: global token index g = start_frame * tokens_per_frame + first + i
@@ -18,6 +18,7 @@ Shapes
 Uses
     01_rope: RopeTable, apply_rope, axis_angles / axis_pairs, causal_rope (the reference)
     03_sequence_parallel: SPMesh, gather_tokens (the baseline's all-gather), init_distributed
+    01_rope: check, Timings and the command line (the shared harness)
 
 Run
     python 04_causal_rope_sp.py
@@ -26,8 +27,6 @@ Run
         median time of the baseline and of Causal-RoPE SP (on GPU: bf16 and CUDA events)
 """
 import importlib
-import statistics
-import time
 
 import torch
 
@@ -64,26 +63,6 @@ def causal_rope_sp(x_local, table, start_frame, num_frames, shard):
     return rope.apply_rope(x_local, *table.chunk_rows(start_frame, num_frames, shard))
 
 
-def time_ms(fn, device, warmup=3, repeats=20):
-    """Median wall time of fn() in ms: CUDA events on GPU (after warm-up), perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     parser = rope.Parser(__doc__, rope_head_dim=True)
     parser.add_argument("--chunk-frames", type=rope.positive, default=3)
@@ -96,37 +75,35 @@ def main():
     parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
     if args.start_frame + args.chunk_frames > args.video_frames:
-        parser.error(f"a chunk at --start-frame {args.start_frame} of {args.chunk_frames} frames does not fit "
-                     f"the table's --video-frames {args.video_frames}")
+        parser.error(f"a chunk at --start-frame {args.start_frame} of {args.chunk_frames} frames does not "
+                     f"fit the table's --video-frames {args.video_frames}")
     device = sp.init_distributed()
     mesh = sp.SPMesh.get(ring_degree=1)
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    tol = 1e-12 if dtype == torch.float64 else 4e-2   # bf16 output: values up to ~8, half an ulp there is 1.6e-2
-    grid = (args.chunk_frames, args.height, args.width)
+    tol = 1e-12 if dtype == torch.float64 else 4e-2   # bf16 values reach ~8: half an ulp there is 1.6e-2
+    start, grid = args.start_frame, (args.chunk_frames, args.height, args.width)
     length = args.chunk_frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)
-    chunk = torch.randn(1, length, args.heads, args.head_dim, dtype=torch.float64, generator=gen).to(device, dtype)
+    chunk = torch.randn(1, length, args.heads, args.head_dim, dtype=torch.float64, generator=gen)
+    chunk = chunk.to(device, dtype)
     shard = mesh.token_shard(length)
     x_local = chunk[:, slice(*shard)].contiguous()
     table = rope.RopeTable(args.head_dim, args.video_frames, args.height, args.width, device=device,
                            dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-
-    want = rope.causal_rope(chunk.double(), grid, args.start_frame)[:, slice(*shard)]
+    want = rope.causal_rope(chunk.double(), grid, start)[:, slice(*shard)]
     versions = {
-        "all-gather baseline": lambda: rope_allgather_baseline(x_local, mesh, grid, args.start_frame),
-        "Causal-RoPE SP (positions)": lambda: causal_rope_sp_positions(x_local, grid, args.start_frame, shard),
-        "Causal-RoPE SP (table slice)": lambda: causal_rope_sp(x_local, table, args.start_frame, args.chunk_frames, shard),
+        "all-gather baseline": lambda: rope_allgather_baseline(x_local, mesh, grid, start),
+        "Causal-RoPE SP (positions)": lambda: causal_rope_sp_positions(x_local, grid, start, shard),
+        "Causal-RoPE SP (table slice)": lambda: causal_rope_sp(x_local, table, start, grid[0], shard),
     }
-    rows = []
+    if mesh.rank == 0:
+        print(f"04_causal_rope_sp: {mesh.world_size} rank(s), {device.type}, {dtype}, chunk {grid} = "
+              f"{length} tokens x {args.heads} heads x {args.head_dim}, start_frame {start}; median times")
+    timings = rope.Timings(device, show=mesh.rank == 0)
     for name, fn in versions.items():
         err = rope.check(name, fn(), want, tol)
-        rows.append((name, err, time_ms(fn, device)))
-    if mesh.rank == 0:
-        print(f"04_causal_rope_sp: {mesh.world_size} rank(s), {device.type}, {dtype}, chunk {grid} = {length} tokens "
-              f"x {args.heads} heads x {args.head_dim}, start_frame {args.start_frame}")
-        base = rows[0][2]
-        for name, err, ms in rows:
-            print(f"  {name:<30s} max error {err:.1e}   median {ms:8.3f} ms   ({base / ms:5.1f}x vs baseline)")
+        timings.time(name, fn, note=f"max error {err:.1e}",
+                     versus=None if name == "all-gather baseline" else "all-gather baseline")
     sp.finish_distributed()
 
 
