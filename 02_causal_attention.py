@@ -151,7 +151,8 @@ class KVCache:
         if self.kv is None:
             self.kv = like.new_empty(self.capacity, 2, *like.shape[1:])
         elif like.shape[1:] != self.kv.shape[2:]:
-            raise ValueError(f"KVCache holds tokens of {tuple(self.kv.shape[2:])}, got {tuple(like.shape[1:])}")
+            raise ValueError(f"KVCache holds tokens of {tuple(self.kv.shape[2:])}, "
+                             f"got {tuple(like.shape[1:])}")
         end = self.length + n
         if end > self.capacity:
             raise ValueError(f"KVCache: {end} tokens exceed the capacity of {self.capacity}")
@@ -172,15 +173,12 @@ class KVCache:
         self.length += held[1] - held[0]
 
 
-def chunk_attention(q, k, v, cache, chunk, commit=True, attend=fast_attention):
-    """One chunk's attention: q, k, v [n, B, H, D] (token-major, rotated) for global token range `chunk`;
-    attends to the cache and the chunk itself, then (if commit) keeps the chunk's k/v for later chunks.
-    Returns [B, H, n, D]."""
-    kv = cache.extend(k, v, chunk)
-    out = attend(heads_major(q), heads_major(kv[:, 0]), heads_major(kv[:, 1]))
-    if commit:
-        cache.commit(chunk)
-    return out
+def chunk_attention(q, k, v, cache, chunk, attend=fast_attention):
+    """One pass of a chunk's attention: q, k, v [n, B, H, D] (token-major, rotated) for global token range
+    `chunk` attend to the cache and to the chunk itself. The chunk's k/v are written into the cache's slots;
+    only the caller's cache.commit(chunk) keeps them for later chunks. Returns [B, H, n, D]."""
+    kv = cache.extend(k, v, chunk)                                   # [cached + n, 2, B, H, D]
+    return attend(heads_major(q), heads_major(kv[:, 0]), heads_major(kv[:, 1]))
 
 
 def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, attend=fast_attention):
@@ -200,6 +198,7 @@ def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, att
         cq = rope.causal_rope(q[:, sl], (chunk_frames, height, width), start_frame).transpose(0, 1)
         ck = rope.causal_rope(k[:, sl], (chunk_frames, height, width), start_frame).transpose(0, 1)
         outs.append(chunk_attention(cq, ck, v[:, sl].transpose(0, 1), cache, chunk, attend=attend))
+        cache.commit(chunk)                                          # later chunks see this one
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
@@ -224,19 +223,22 @@ def main():
     parser.add_argument("--seed", type=rope.non_negative, default=0)
     args = parser.parse_args()
     if args.frames % args.chunk_frames:
-        parser.error(f"--frames {args.frames} is not a whole number of chunks of --chunk-frames {args.chunk_frames}")
+        parser.error(f"--frames {args.frames} is not a whole number of chunks of "
+                     f"--chunk-frames {args.chunk_frames}")
     if window_problem(args.window_frames, args.chunk_frames):
         parser.error(f"--window-frames {args.window_frames} must be >= --chunk-frames {args.chunk_frames}")
     grid = (args.frames, args.height, args.width)
     n = args.frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)
-    q, k, v = (torch.randn(1, n, args.heads, args.head_dim, dtype=torch.float64, generator=gen) for _ in "qkv")
+    q, k, v = (torch.randn(1, n, args.heads, args.head_dim, dtype=torch.float64, generator=gen)
+               for _ in "qkv")
     lines = []
     for window in (None, args.window_frames):
         want = full_pass_attention(q, k, v, grid, args.chunk_frames, window)
         got = chunked_video_attention(q, k, v, grid, args.chunk_frames, window)
         err = rope.check("chunked vs masked", got, want, 1e-12)
-        lines.append(f"  window {str(window):>4s} frames: chunked (KV cache) vs one masked pass  max error {err:.1e}")
+        lines.append(f"  window {str(window):>4s} frames: chunked (KV cache) vs one masked pass  "
+                     f"max error {err:.1e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"02_causal_attention: {args.frames} frames of {args.height}x{args.width} tokens, "
               f"chunks of {args.chunk_frames} frames, float64")

@@ -91,7 +91,8 @@ def agree(device, what, problem=None, **fields):
         if problem:
             raise rope.BadInput(f"{what}: {problem}")
         return
-    mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64, device=device)
+    mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64,
+                        device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine)
     every = [row.tolist() for row in every]
@@ -99,7 +100,8 @@ def agree(device, what, problem=None, **fields):
     if failed:
         messages = [None] * world_size
         dist.all_gather_object(messages, problem)
-        raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} (ranks rejecting their input: {failed})")
+        raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} "
+                            f"(ranks rejecting their input: {failed})")
     for i, name in enumerate(fields, start=1):
         values = [row[i] for row in every]
         if len(set(values)) > 1:
@@ -126,10 +128,12 @@ class SPMesh:
     def __init__(self, ulysses_degree, ring_degree, device=None, local=False):
         """local=True: a 1 x 1 mesh of this process alone, whatever the job (the single-process reference)."""
         world_size, rank = (1, 0) if local else world()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and world_size > 1 else "cpu"))
+        on_gpus = torch.cuda.is_available() and world_size > 1
+        self.device = torch.device(device or ("cuda" if on_gpus else "cpu"))
         problem = None
         if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
-            problem = f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size {world_size}"
+            problem = (f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size "
+                       f"{world_size}")
         if local:
             if problem:
                 raise rope.BadInput(f"SPMesh: {problem}")
@@ -200,8 +204,8 @@ def ulysses_all_to_all(send, rows, mesh, async_op=False):
         recv = mesh.symmetric(send, rows)
         return (recv, None) if async_op else recv
     recv = send.new_empty(sum(r[me] for r in rows), *send.shape[1:])
-    work = dist.all_to_all_single(recv, send, output_split_sizes=[r[me] for r in rows], input_split_sizes=rows[me],
-                                  group=mesh.ulysses_group, async_op=async_op)
+    work = dist.all_to_all_single(recv, send, output_split_sizes=[r[me] for r in rows],
+                                  input_split_sizes=rows[me], group=mesh.ulysses_group, async_op=async_op)
     return (recv, work) if async_op else recv
 
 
@@ -209,7 +213,8 @@ def exchange_rows(send, mesh, length, async_op=False):
     """Tokens to heads: send [U * n_local, ...] holds, for each group member in turn, the n_local rows meant
     for it; returns recv [n_ring_shard, ...], member s's rows at member s's token offset."""
     sizes = mesh.ulysses_sizes(length)
-    return ulysses_all_to_all(send, [[n] * len(sizes) for n in sizes], mesh, async_op)  # s sends its n_s rows to all
+    rows = [[n] * len(sizes) for n in sizes]                  # member s sends its n_s rows to every member
+    return ulysses_all_to_all(send, rows, mesh, async_op)
 
 
 def seq_to_heads(x, mesh, length, async_op=False):
@@ -233,9 +238,11 @@ def heads_to_seq(x, mesh, length):
     _, B, Hu, D = x.shape
     sizes = mesh.ulysses_sizes(length)
     n = sizes[mesh.ulysses_rank]
-    recv = ulysses_all_to_all(x.contiguous(), [sizes] * U, mesh)    # s sends member p p's tokens: [U*n, B, Hu, D]
-    out = recv.new_empty(B, n, U, Hu, D)
-    copy_rows_(out.permute(2, 1, 0, 3, 4), recv.view(U, n, B, Hu, D))  # head group s (from member s) to its place
+    # every member s sends member p the rows of p's tokens: [n_ring, B, Hu, D] -> recv [U * n, B, Hu, D]
+    recv = ulysses_all_to_all(x.contiguous(), [sizes] * U, mesh)
+    out = recv.new_empty(B, n, U, Hu, D)                      # [B, n, U, Hu, D]: head group s at index s
+    copy_rows_(out.permute(2, 1, 0, 3, 4),                    # [U, n, B, Hu, D] view of out
+               recv.view(U, n, B, Hu, D))                     # the rows from member s = head group s
     return out.view(B, n, U * Hu, D)
 
 
@@ -363,19 +370,20 @@ def check_shapes(mesh, q, k, v, chunk):
           chunk_first=chunk[0], chunk_end=chunk[1])
 
 
-def sp_attention(q, k, v, mesh, chunk, cache=None, commit=False, check=True):
+def sp_attention(q, k, v, mesh, chunk, cache=None, check=True):
     """Sequence-parallel attention of one chunk: q, k, v [B, n_local, H, D] (rotated) are this rank's shard
-    of the chunk's global token range `chunk`. The chunk attends to itself and to the cache; with commit,
-    its K/V stay in the cache. Three all-to-alls in, one out (stage 05 fuses them). Returns [B, n_local, H, D]."""
+    of the chunk's global token range `chunk`. The chunk attends to itself and to the cache, and its K/V
+    are written into the cache's slots; commit_chunk keeps them. Three all-to-alls in, one out (stage 05
+    fuses them). Returns [B, n_local, H, D]."""
     if check:
         check_shapes(mesh, q, k, v, chunk)
     length = chunk[1] - chunk[0]
     q_tm, k_tm, v_tm = (seq_to_heads(t, mesh, length) for t in (q, k, v))  # [n_ring, B, Hu, D]
     if cache is None:
-        kv = torch.stack([k_tm, v_tm], dim=1)
+        kv = torch.stack([k_tm, v_tm], dim=1)                                # [n_ring, 2, B, Hu, D]
     else:
-        kv = cache.extend(k_tm, v_tm, chunk, ring_shard_of(mesh, chunk))
-    return attend_heads(q_tm, kv, mesh, chunk, cache, commit)
+        kv = cache.extend(k_tm, v_tm, chunk, ring_shard_of(mesh, chunk))     # [cached + n_ring, 2, B, Hu, D]
+    return attend_heads(q_tm, kv, mesh, chunk, cache)
 
 
 def ring_shard_of(mesh, chunk, ring_rank=None):
@@ -384,9 +392,15 @@ def ring_shard_of(mesh, chunk, ring_rank=None):
     return chunk[0] + a, chunk[0] + b
 
 
-def attend_heads(q_tm, kv, mesh, chunk, cache=None, commit=False):
-    """After the Ulysses exchange: q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D] (cache
-    and chunk; ring-parallel over the mesh's ring groups); then back to this rank's token shard."""
+def commit_chunk(cache, mesh, chunk):
+    """Keep the K/V that the last pass over `chunk` wrote into the cache: this rank's part of it, the ring
+    shard its Ulysses group holds (heads split, tokens whole within the group). Bookkeeping only."""
+    cache.commit(chunk, ring_shard_of(mesh, chunk))
+
+
+def attend_heads(q_tm, kv, mesh, chunk, cache=None):
+    """After the Ulysses exchange: q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D]
+    (cache and chunk; ring-parallel over the mesh's ring groups); then back to this rank's token shard."""
     length = chunk[1] - chunk[0]
     q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
@@ -397,8 +411,6 @@ def attend_heads(q_tm, kv, mesh, chunk, cache=None, commit=False):
             lengths = [cache.held_length(lambda c, j=j: ring_shard_of(mesh, c, j)) + n
                        for j, n in enumerate(lengths)]
         out = ring_attention(q, kv, mesh, lengths)
-    if cache is not None and commit:
-        cache.commit(chunk, ring_shard_of(mesh, chunk))
     return heads_to_seq(out.permute(2, 0, 1, 3), mesh, length)         # [B, Hu, n, D] -> [n, B, Hu, D]
 
 
@@ -433,7 +445,8 @@ def mesh_shape(world_size, heads, ring_degree=None):
 
 def main():
     parser = rope.Parser(__doc__)
-    parser.add_argument("--tokens", type=rope.positive, default=61, help="tokens per chunk (need not divide the world size)")
+    parser.add_argument("--tokens", type=rope.positive, default=61,
+                        help="tokens per chunk (need not divide the world size)")
     parser.add_argument("--heads", type=rope.positive, default=12)
     parser.add_argument("--head-dim", type=rope.positive, default=32)
     parser.add_argument("--chunks", type=rope.positive, default=3, help="chunks run through the KV cache")
@@ -458,7 +471,9 @@ def main():
         outs = []
         for c in range(C):
             sl = slice(c * N + first, c * N + end)
-            outs.append(sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, (c * N, c * N + N), cache, commit=True))
+            chunk = (c * N, c * N + N)
+            outs.append(sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, chunk, cache))
+            commit_chunk(cache, mesh, chunk)
         got = torch.cat([gather_tokens(o, mesh, N) for o in outs], dim=1)
         err = rope.check(f"ulysses {U} x ring {R}", got, want, tol)
         lines.append(f"  ulysses {U} x ring {R}: {C} chunks of {N} tokens through the KV cache, "

@@ -25,7 +25,8 @@ Shapes
 Uses
     01_rope: RopeTable, apply_rope      02_causal_attention: KVCache
     03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention (the unfused layer)
-    04_causal_rope_sp: causal_rope_sp (the unfused layer); its baselines and time_ms for --bench
+    04_causal_rope_sp: causal_rope_sp (the unfused layer), and its baselines for --bench
+    01_rope: check, Timings and the command line (the shared harness)
 
 Run
     python 05_fused_comm.py                         fused == overlap == unfused == one process
@@ -90,12 +91,15 @@ def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_deg
     the overlap mode sends V on its own, earlier."""
     B, n, dim = q.shape
     D, U = dim // heads, ulysses_degree
-    parts = [rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin),
+    parts = [rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin),   # [B, n, H, D]
              rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)]
     if v is not None:
         parts.append(v.view(B, n, heads, D))
-    packed = torch.stack(parts)                                       # [3 or 2, B, n, H, D]
-    return packed.view(len(parts), B, n, U, heads // U, D).permute(3, 2, 0, 1, 4, 5).contiguous()
+    P = len(parts)                                                    # 3 (q, k, v) or 2 (q, k)
+    return (torch.stack(parts)                      # [P, B, n, H, D]
+            .view(P, B, n, U, heads // U, D)        # [P, B, n, U, Hu, D]: head group u goes to member u
+            .permute(3, 2, 0, 1, 4, 5)              # [U, n, P, B, Hu, D]: one block per member
+            .contiguous())                          # member u's rows are send[u], token-major
 
 
 _compiled = {}
@@ -111,7 +115,7 @@ def on_device(fn, x):
 
 
 class CausalSelfAttention(nn.Module):
-    """Wan2.1's causal self-attention, sequence-parallel. forward(x [B, n_local, dim]) -> [B, n_local, dim]."""
+    """Wan2.1's causal self-attention, sequence-parallel: x [B, n_local, dim] -> [B, n_local, dim]."""
 
     def __init__(self, dim, num_heads, eps=1e-6):
         super().__init__()
@@ -129,56 +133,76 @@ class CausalSelfAttention(nn.Module):
         layout.mesh.agree("CausalSelfAttention", problem, batch=x.shape[0] if x.dim() else -1,
                  dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
 
-    def forward(self, x, layout, cache=None, commit=False, mode="fused", check=False):
+    def forward(self, x, layout, cache=None, mode="fused", check=False):
+        """x [B, n_local, dim] -> [B, n_local, dim]. With a cache, the chunk attends to it too, and its K/V
+        are written into the cache's slots (stage 03's commit_chunk keeps them). `mode` picks the layer:
+        "fused" (one Q/K/V all-to-all), "overlap" (V sent first, under the packing of Q/K), or "unfused"
+        (stages 03 + 04 as they are, for comparison)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if check:
             self.check_input(x, layout)
-        mesh, H, U = layout.mesh, self.num_heads, layout.mesh.ulysses_degree
         q, k, v = self.q(x), self.k(x), self.v(x)                     # [B, n, dim] each
-        if mode == "unfused":                                         # stages 03 + 04 as they are
-            q = crsp.causal_rope_sp(self.norm_q(q).unflatten(-1, (H, -1)), layout.table, layout.start_frame,
-                                    layout.num_frames, layout.shard)
-            k = crsp.causal_rope_sp(self.norm_k(k).unflatten(-1, (H, -1)), layout.table, layout.start_frame,
-                                    layout.num_frames, layout.shard)
-            out = sp.sp_attention(q, k, v.unflatten(-1, (H, -1)), mesh, layout.chunk, cache, commit, check=False)
-            return self.o(out.flatten(2))
-        norms = (self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin, H, U, self.eps)
-        if mode == "fused":
-            send = on_device(pack_qkv, x)(q, k, v, *norms)            # [U, n, 3, B, Hu, D]
-            recv = self.exchange(send, layout)                        # [n_ring, 3, B, Hu, D]
-            q_tm, kv = recv[:, 0], recv[:, 1:]
-        elif mode == "overlap":
-            v_tm, v_work = sp.seq_to_heads(v.unflatten(-1, (H, -1)), mesh, layout.length, async_op=True)
-            recv = self.exchange(on_device(pack_qkv, x)(q, k, None, *norms), layout)  # V travels meanwhile
-            if v_work is not None:
-                v_work.wait()
-            q_tm, kv = recv[:, 0], torch.stack([recv[:, 1], v_tm], dim=1)
+        if mode == "unfused":
+            out = self.unfused_attention(q, k, v, layout, cache)
         else:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if cache is not None:
-            slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(mesh, layout.chunk))
-            sp.copy_rows_(slot, kv)
-            kv = kv_all
-        out = sp.attend_heads(q_tm, kv, mesh, layout.chunk, cache, commit)   # [B, n, H, D]
+            exchange = self.fused_exchange if mode == "fused" else self.overlapped_exchange
+            q_tm, kv = exchange(q, k, v, layout)          # [n_ring, B, Hu, D], [n_ring, 2, B, Hu, D]
+            if cache is not None:                                     # the chunk's K/V into its cache slots
+                slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(layout.mesh, layout.chunk))
+                sp.copy_rows_(slot, kv)
+                kv = kv_all                                           # [cached + n_ring, 2, B, Hu, D]
+            out = sp.attend_heads(q_tm, kv, layout.mesh, layout.chunk, cache)   # [B, n, H, D]
         return self.o(out.flatten(2))
+
+    def unfused_attention(self, q, k, v, layout, cache):
+        """Stages 03 + 04 as they are: norm, rotate, then three all-to-alls in and one out."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))       # [B, n, dim] -> [B, n, H, D]
+        rotate = lambda t: crsp.causal_rope_sp(t, layout.table, layout.start_frame, layout.num_frames,
+                                               layout.shard)
+        q, k = rotate(heads(self.norm_q(q))), rotate(heads(self.norm_k(k)))
+        return sp.sp_attention(q, k, heads(v), layout.mesh, layout.chunk, cache, check=False)
+
+    def pack(self, q, k, v, layout):
+        """pack_qkv with this layer's weights and this rank's RoPE rows (compiled on GPU)."""
+        return on_device(pack_qkv, q)(q, k, v, self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
+                                      self.num_heads, layout.mesh.ulysses_degree, self.eps)
+
+    def fused_exchange(self, q, k, v, layout):
+        """Pack Q/K/V into one buffer and exchange it in one all-to-all. Returns the queries q_tm
+        [n_ring, B, Hu, D] and keys/values [n_ring, 2, B, Hu, D], token-major."""
+        recv = self.exchange(self.pack(q, k, v, layout), layout)     # [n_ring, 3, B, Hu, D]
+        return recv[:, 0], recv[:, 1:]
+
+    def overlapped_exchange(self, q, k, v, layout):
+        """The same result as fused_exchange, V sent first: its all-to-all runs while Q/K are packed."""
+        v_heads = v.unflatten(-1, (self.num_heads, -1))               # [B, n, H, D]
+        v_tm, v_work = sp.seq_to_heads(v_heads, layout.mesh, layout.length, async_op=True)
+        recv = self.exchange(self.pack(q, k, None, layout), layout)  # [n_ring, 2, B, Hu, D], V in flight
+        if v_work is not None:
+            v_work.wait()
+        return recv[:, 0], torch.stack([recv[:, 1], v_tm], dim=1)
 
     @staticmethod
     def exchange(send, layout):
-        U = layout.mesh.ulysses_degree
-        if U == 1:
+        """send [U, n, P, B, Hu, D] (one block per member) -> [n_ring, P, B, Hu, D]: the group's tokens."""
+        if layout.mesh.ulysses_degree == 1:
             return send[0]
         return sp.exchange_rows(send.flatten(0, 1), layout.mesh, layout.length)
 
 
-# ----------------------------------------------------------------------------- check and benchmark
+# ----------------------------------------------------------------------------- the self-check
 
 def run_layer_chunks(layer, x_chunks, mesh, table, chunk_frames, mode, use_cache=True):
     """Feed whole-chunk inputs x_chunks[c] [B, chunk_tokens, dim] through the layer, this rank taking its
-    shard of each chunk; returns the per-chunk output shards."""
+    shard of each chunk, each chunk kept in the cache for the next; returns the per-chunk output shards."""
     cache = causal.KVCache(sum(x.shape[1] for x in x_chunks)) if use_cache else None
     outs = []
     for c, x in enumerate(x_chunks):
         layout = ShardLayout(mesh, table, c * chunk_frames, chunk_frames)
-        outs.append(layer(x[:, slice(*layout.shard)], layout, cache, commit=True, mode=mode, check=True))
+        outs.append(layer(x[:, slice(*layout.shard)], layout, cache, mode=mode, check=True))
+        if cache is not None:
+            sp.commit_chunk(cache, mesh, layout.chunk)
     return outs
 
 
@@ -192,20 +216,23 @@ def check_main(args, device):
                            dtype=dtype, device=device)
     tokens = args.chunk_frames * args.height * args.width
     x_chunks = [torch.randn(1, tokens, args.dim, dtype=dtype, device=device) for _ in range(args.chunks)]
+    run = lambda on, mode: run_layer_chunks(layer, x_chunks, on, table, args.chunk_frames, mode)
     with torch.no_grad():
-        one = sp.SPMesh(1, 1, device, local=True)                    # the single-process reference
-        want = torch.cat(run_layer_chunks(layer, x_chunks, one, table, args.chunk_frames, "unfused"), dim=1)
-        lines = []
+        want = torch.cat(run(sp.SPMesh(1, 1, device, local=True), "unfused"), dim=1)   # one process
+        errors = {}
         for mode in MODES:
-            outs = run_layer_chunks(layer, x_chunks, mesh, table, args.chunk_frames, mode)
-            got = torch.cat([sp.gather_tokens(o, mesh, tokens) for o in outs], dim=1)
-            err = rope.check(mode, got, want, tol)
-            lines.append(f"  {mode:<8s} layer, {args.chunks} chunks through the KV cache: max error vs one process {err:.1e}")
+            got = torch.cat([sp.gather_tokens(o, mesh, tokens) for o in run(mesh, mode)], dim=1)
+            errors[mode] = rope.check(mode, got, want, tol)
     if mesh.rank == 0:
-        print(f"05_fused_comm: {mesh.world_size} rank(s) = ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}, "
-              f"{device.type}, {dtype}, chunks of {tokens} tokens (shards {[b - a for a, b in sp.shard_bounds(tokens, mesh.world_size)]})")
-        print("\n".join(lines))
+        shards = [b - a for a, b in sp.shard_bounds(tokens, mesh.world_size)]
+        print(f"05_fused_comm: {mesh.world_size} rank(s) = ulysses {mesh.ulysses_degree} x ring "
+              f"{mesh.ring_degree}, {device.type}, {dtype}, chunks of {tokens} tokens (shards {shards})")
+        for mode, err in errors.items():
+            print(f"  {mode:<8s} layer, {args.chunks} chunks through the KV cache: max error vs one process "
+                  f"{err:.1e}")
 
+
+# ----------------------------------------------------------------------------- the benchmark
 
 def bench_main(args, device):
     mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], args.heads, args.ring))
@@ -217,65 +244,65 @@ def bench_main(args, device):
     layout = ShardLayout(mesh, table, args.start_frame, args.chunk_frames)
     x = torch.randn(1, layout.n_local, args.dim, device=device, dtype=dtype)
     q_local = torch.randn(1, layout.n_local, H, D, device=device, dtype=dtype)
-    grid = (args.chunk_frames, args.height, args.width)
-    rows = {}
-    if mesh.rank == 0:   # rows print as they are measured: at these shapes a CPU takes minutes for all of them
-        print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring {mesh.ring_degree}), "
-              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, chunk {grid} = "
-              f"{layout.length} tokens, {H} heads x {D}; median of {args.repeats} runs", flush=True)
-
-    def row(name, fn):
-        rows[name] = crsp.time_ms(fn, device, warmup=args.warmup, repeats=args.repeats)
-        if mesh.rank == 0:
-            print(f"  {name:<45s} {rows[name]:9.3f} ms", flush=True)
-
+    start, grid, shard = args.start_frame, (args.chunk_frames, args.height, args.width), layout.shard
+    if mesh.rank == 0:   # rows print as they are measured: at these shapes a CPU takes minutes for all
+        gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring "
+              f"{mesh.ring_degree}), {gpu}, {dtype}, chunk {grid} = {layout.length} tokens, {H} heads x {D}; "
+              f"median of {args.repeats} runs", flush=True)
+    timings = rope.Timings(device, mesh.rank == 0, args.warmup, args.repeats)
+    baseline = "RoPE: all-gather baseline (q)"
     with torch.no_grad():
-        row("RoPE: all-gather baseline (q)", lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, args.start_frame))
-        row("RoPE: Causal-RoPE SP, positions (q)",
-            lambda: crsp.causal_rope_sp_positions(q_local, grid, args.start_frame, layout.shard))
-        row("RoPE: Causal-RoPE SP, table slice (q)",
-            lambda: crsp.causal_rope_sp(q_local, table, args.start_frame, args.chunk_frames, layout.shard))
+        timings.time(baseline, lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, start))
+        timings.time("RoPE: Causal-RoPE SP, positions (q)",
+                     lambda: crsp.causal_rope_sp_positions(q_local, grid, start, shard), versus=baseline)
+        timings.time("RoPE: Causal-RoPE SP, table slice (q)",
+                     lambda: crsp.causal_rope_sp(q_local, table, start, grid[0], shard), versus=baseline)
         compiled_rope = on_device(crsp.causal_rope_sp, q_local)
-        row("RoPE: Causal-RoPE SP, table slice, compiled",
-            lambda: compiled_rope(q_local, table, args.start_frame, args.chunk_frames, layout.shard))
+        timings.time("RoPE: Causal-RoPE SP, table slice, compiled",
+                     lambda: compiled_rope(q_local, table, start, grid[0], shard), versus=baseline)
         if mesh.ulysses_degree > 1:   # the exchanges alone: both sides send buffers already packed
-            send = torch.randn(mesh.ulysses_degree * layout.n_local, 3, 1, H // mesh.ulysses_degree, D,
-                               device=device, dtype=dtype)
+            U = mesh.ulysses_degree
+            send = torch.randn(U * layout.n_local, 3, 1, H // U, D, device=device, dtype=dtype)
             singles = [send[:, i].contiguous() for i in range(3)]
-            row("Q/K/V exchange: three all-to-alls", lambda: [sp.exchange_rows(t, mesh, layout.length) for t in singles])
-            row("Q/K/V exchange: one fused all-to-all", lambda: sp.exchange_rows(send, mesh, layout.length))
+            timings.time("Q/K/V exchange: three all-to-alls",
+                         lambda: [sp.exchange_rows(t, mesh, layout.length) for t in singles])
+            timings.time("Q/K/V exchange: one fused all-to-all",
+                         lambda: sp.exchange_rows(send, mesh, layout.length),
+                         versus="Q/K/V exchange: three all-to-alls")
         for mode in MODES:
-            row(f"layer ({mode}), no cache", lambda: layer(x, layout, mode=mode))
+            timings.time(f"layer ({mode}), no cache", lambda: layer(x, layout, mode=mode),
+                         versus=None if mode == "unfused" else "layer (unfused), no cache")
         cache = causal.KVCache(args.cache_frames * table.tokens_per_frame + layout.length)
         prefill = ShardLayout(mesh, table, 0, args.cache_frames)    # earlier frames, committed once
-        layer(torch.randn(1, prefill.n_local, args.dim, device=device, dtype=dtype), prefill, cache, commit=True)
+        layer(torch.randn(1, prefill.n_local, args.dim, device=device, dtype=dtype), prefill, cache)
+        sp.commit_chunk(cache, mesh, prefill.chunk)
         cached = ShardLayout(mesh, table, args.cache_frames, args.chunk_frames)
+        unfused = f"layer (unfused), {args.cache_frames}-frame cache"
         for mode in MODES:
-            row(f"layer ({mode}), {args.cache_frames}-frame cache", lambda: layer(x, cached, cache, mode=mode))
-    if mesh.rank == 0:
-        baseline = rows["RoPE: all-gather baseline (q)"]
-        print(f"  RoPE stage speed-up over the all-gather baseline: table slice "
-              f"{baseline / rows['RoPE: Causal-RoPE SP, table slice (q)']:.1f}x, "
-              f"compiled {baseline / rows['RoPE: Causal-RoPE SP, table slice, compiled']:.1f}x")
-        if mesh.ulysses_degree > 1:
-            print(f"  exchange speed-up (three / one all-to-all): "
-                  f"{rows['Q/K/V exchange: three all-to-alls'] / rows['Q/K/V exchange: one fused all-to-all']:.2f}x")
+            name = f"layer ({mode}), {args.cache_frames}-frame cache"
+            timings.time(name, lambda: layer(x, cached, cache, mode=mode),
+                         versus=None if name == unfused else unfused)
 
 
 def main():
     parser = rope.Parser(__doc__)
     parser.add_argument("--bench", action="store_true", help="time at Wan-1.3B shapes instead of checking")
     parser.add_argument("--ring", type=rope.positive, default=None,
-                        help="ring degree (Ulysses degree = world / ring); default: as much Ulysses as the heads allow")
+                        help="ring degree (Ulysses degree = world / ring); "
+                             "default: as much Ulysses as the heads allow")
     parser.add_argument("--dim", type=rope.positive, default=None, help="model dim (default 48, bench 1536)")
     parser.add_argument("--heads", type=rope.positive, default=None, help="heads (default 4, bench 12)")
-    parser.add_argument("--height", type=rope.positive, default=None, help="latent rows / 2 (default 3, bench 30)")
-    parser.add_argument("--width", type=rope.positive, default=None, help="latent columns / 2 (default 5, bench 52)")
+    parser.add_argument("--height", type=rope.positive, default=None,
+                        help="latent rows / 2 (default 3, bench 30)")
+    parser.add_argument("--width", type=rope.positive, default=None,
+                        help="latent columns / 2 (default 5, bench 52)")
     parser.add_argument("--chunk-frames", type=rope.positive, default=3)
     parser.add_argument("--chunks", type=rope.positive, default=3)
     parser.add_argument("--video-frames", type=rope.positive, default=21)
     parser.add_argument("--start-frame", type=rope.non_negative, default=9)
-    parser.add_argument("--cache-frames", type=rope.non_negative, default=9, help="bench: frames already in the KV cache")
+    parser.add_argument("--cache-frames", type=rope.non_negative, default=9,
+                        help="bench: frames already in the KV cache")
     parser.add_argument("--warmup", type=rope.non_negative, default=5)
     parser.add_argument("--repeats", type=rope.positive, default=50)
     parser.add_argument("--seed", type=rope.non_negative, default=0)
@@ -285,9 +312,14 @@ def main():
             setattr(args, name, wan if args.bench else small)
     if args.dim % args.heads or rope.head_dim_problem(args.dim // args.heads):
         parser.error(f"--dim {args.dim} must split into --heads {args.heads} heads of an even head_dim >= 6")
-    last_frame = max(args.start_frame, args.cache_frames) + args.chunk_frames if args.bench else args.chunks * args.chunk_frames
-    if last_frame > min(args.video_frames if args.bench else rope.MAX_TIME_POSITIONS, rope.MAX_TIME_POSITIONS):
-        parser.error(f"the chunks reach frame {last_frame}, past the RoPE table (--video-frames {args.video_frames})")
+    if args.bench:
+        last_frame = max(args.start_frame, args.cache_frames) + args.chunk_frames
+        table_frames = args.video_frames
+    else:
+        last_frame, table_frames = args.chunks * args.chunk_frames, rope.MAX_TIME_POSITIONS
+    if last_frame > min(table_frames, rope.MAX_TIME_POSITIONS):
+        parser.error(f"the chunks reach frame {last_frame}, past the RoPE table "
+                     f"(--video-frames {args.video_frames})")
     device = sp.init_distributed()
     (bench_main if args.bench else check_main)(args, device)
     sp.finish_distributed()

@@ -39,8 +39,10 @@ def run_sharded(ulysses, ring, chunks, tokens, heads, head_dim, seed, use_cache,
     outs = []
     for c in range(chunks):
         sl = slice(c * tokens + first, c * tokens + end)
-        outs.append(sp.sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, (c * tokens, (c + 1) * tokens),
-                                    cache, commit=True))
+        chunk = (c * tokens, (c + 1) * tokens)
+        outs.append(sp.sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, chunk, cache))
+        if cache is not None:
+            sp.commit_chunk(cache, mesh, chunk)
     return outs
 
 
