@@ -99,6 +99,6 @@ def test_a_special_file_is_written_in_place(tmp_path):
 
 
 def test_a_cpu_run_far_beyond_the_tiny_preset_says_so():
-    assert sf.cpu_estimate(sf.PRESETS["tiny"], 21, 64, 96) is None
-    line = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], 21, 480, 832)
+    assert sf.cpu_estimate(sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96)) is None
+    line = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
     assert line.startswith("note: this CPU run needs about") and "TFLOP" in line and "GiB" in line

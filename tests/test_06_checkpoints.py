@@ -56,10 +56,10 @@ def test_diffusers_wan_model_has_exactly_these_names_and_computes_the_same():
     diffusers = pytest.importorskip("diffusers")
     preset = sf.PRESETS["tiny"]
     theirs = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=preset["num_heads"],
-        attention_head_dim=preset["dim"] // preset["num_heads"], in_channels=16, out_channels=16,
-        text_dim=preset["text_dim"], freq_dim=preset["freq_dim"], ffn_dim=preset["ffn_dim"],
-        num_layers=preset["num_layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).double()
+        patch_size=(1, 2, 2), num_attention_heads=preset.num_heads,
+        attention_head_dim=preset.dim // preset.num_heads, in_channels=16, out_channels=16,
+        text_dim=preset.text_dim, freq_dim=preset.freq_dim, ffn_dim=preset.ffn_dim,
+        num_layers=preset.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).double()
     ours = sf.build_model("tiny", torch.float64, "cpu", 3)
     for p in ours.parameters():     # norm weights start at ones and the head at random: make all of them matter
         torch.nn.init.normal_(p, std=0.2)
@@ -69,10 +69,10 @@ def test_diffusers_wan_model_has_exactly_these_names_and_computes_the_same():
 
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 16, 3, 4, 6, generator=gen, dtype=torch.float64)
-    text = torch.randn(1, preset["text_len"], preset["text_dim"], generator=gen, dtype=torch.float64)
+    text = torch.randn(1, preset.text_len, preset.text_dim, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         want = theirs(latents, torch.tensor([700.0], dtype=torch.float64), text, return_dict=False)[0]
-        table = rope.RopeTable(preset["dim"] // preset["num_heads"], 3, 2, 3, dtype=torch.float64)
+        table = rope.RopeTable(preset.dim // preset.num_heads, 3, 2, 3, dtype=torch.float64)
         layout = sf.fused.ShardLayout(sf.sp.SPMesh(1, 1, local=True), table, 0, 3)
         flow = ours(sf.patchify(latents), torch.full((1, 3), 700.0, dtype=torch.float64), layout, [None] * 2,
                     ours.text_context(text))

@@ -28,7 +28,7 @@ def wan_folder(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
                                          unk_token="<unk>").save_pretrained(folder / "tokenizer")
     torch.manual_seed(0)
-    config = transformers.UMT5Config(vocab_size=len(vocab), d_model=sf.PRESETS["tiny"]["text_dim"], d_kv=8, d_ff=64,
+    config = transformers.UMT5Config(vocab_size=len(vocab), d_model=sf.PRESETS["tiny"].text_dim, d_kv=8, d_ff=64,
                                      num_layers=1, num_heads=4)
     transformers.UMT5EncoderModel(config).save_pretrained(folder / "text_encoder")
     diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1).save_pretrained(folder / "vae")
@@ -37,7 +37,7 @@ def wan_folder(tmp_path_factory):
 
 def test_a_prompt_becomes_its_own_tokens_features(wan_folder):
     text = sf.encode_prompt(wan_folder, "  a red   fox\n runs ", 16, torch.device("cpu"))
-    assert text.shape == (1, 4, sf.PRESETS["tiny"]["text_dim"]) and text.dtype == torch.float32
+    assert text.shape == (1, 4, sf.PRESETS["tiny"].text_dim) and text.dtype == torch.float32
     again = sf.encode_prompt(wan_folder, "a red fox runs", 16, torch.device("cpu"))
     assert torch.equal(text, again)                       # whitespace is squeezed, as WanPipeline does
     shorter = sf.encode_prompt(wan_folder, "a red fox", 16, torch.device("cpu"))

@@ -1,4 +1,5 @@
 """Stage 06 properties: the N-rank pipeline equals the single-process pipeline; checkpoints; determinism."""
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -24,14 +25,15 @@ def run_pipeline(mesh_shape, frames, height, width, seed, window_frames, dtype=t
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", dtype, "cpu", seed)
     text = sf.load_text(None, model, batch, seed)
-    return sf.generate(model, text, frames, height, width, seed, mesh, window_frames=window_frames)
+    return sf.generate(model, text, sf.VideoSpec(frames, height, width, window_frames=window_frames), mesh, seed)
 
 
 def dense_reference(frames, height, width, seed, window_frames, batch=1):
     """The independent dense Self-Forcing of tests/self_forcing_reference.py, on the pipeline's weights."""
     model = sf.build_model("tiny", torch.float64, "cpu", seed)
     text = sf.load_text(None, model, batch, seed).double()
-    return reference.generate(model.state_dict(), sf.PRESETS["tiny"], text, frames, height // 8, width // 8,
+    return reference.generate(model.state_dict(), dataclasses.asdict(sf.PRESETS["tiny"]), text, frames, height // 8,
+                              width // 8,
                               seed, window_frames)
 
 
@@ -42,7 +44,7 @@ def dense_reference(frames, height, width, seed, window_frames, batch=1):
 def test_pipeline_on_n_ranks_equals_the_dense_reference(world_size, data, chunks, height, width, seed, windowed,
                                                         batch):
     """Every window the pipeline accepts (3 frames up to past the video's end), every mesh the heads allow."""
-    mesh_shape = data.draw(st.sampled_from(sp.factorizations(world_size, sf.PRESETS["tiny"]["num_heads"])),
+    mesh_shape = data.draw(st.sampled_from(sp.factorizations(world_size, sf.PRESETS["tiny"].num_heads)),
                            label="mesh")
     frames = 3 * chunks
     window = data.draw(st.integers(3, frames + 3), label="window_frames") if windowed else None
@@ -61,8 +63,8 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float64, "cpu", seed)
     gen = torch.Generator().manual_seed(seed)
-    context = model.text_context(torch.randn(1, 5, model.text_dim, generator=gen))
-    table = sf.rope.RopeTable(model.dim // model.num_heads, 3 * chunks, height, width, dtype=torch.float64)
+    context = model.text_context(torch.randn(1, 5, model.config.text_dim, generator=gen))
+    table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, height, width, dtype=torch.float64)
     caches = [sf.causal.KVCache(3 * chunks * height * width) for _ in model.blocks]
     outs = []
     for c in range(chunks):
@@ -79,7 +81,7 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
 @pytest.mark.parametrize("world_size", [2, 3, 8])
 @given(chunks=st.integers(1, 3), height=st.integers(1, 3), width=st.integers(1, 4), seed=st.integers(0, 2**31))
 def test_model_with_per_frame_timesteps_on_n_ranks_equals_one_process(world_size, chunks, height, width, seed):
-    mesh_shape = sp.mesh_shape(world_size, sf.PRESETS["tiny"]["num_heads"])
+    mesh_shape = sp.mesh_shape(world_size, sf.PRESETS["tiny"].num_heads)
     want = run_model_chunks(None, chunks, height, width, seed, local=True)
     per_rank = get_pool(world_size).run(run_model_chunks, mesh_shape, chunks, height, width, seed)
     for c in range(chunks):
@@ -123,11 +125,11 @@ def test_text_context_equals_each_blocks_own_projection():
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     for p in model.parameters():  # norm weights start at ones: make them matter
         torch.nn.init.normal_(p, std=0.3)
-    text = torch.randn(2, 5, model.text_dim, dtype=torch.float64)
-    context = model.text_embedding(torch.nn.functional.pad(text, (0, 0, 0, model.text_len - 5)))
+    text = torch.randn(2, 5, model.config.text_dim, dtype=torch.float64)
+    context = model.text_embedding(torch.nn.functional.pad(text, (0, 0, 0, model.config.text_len - 5)))
     for (k, v), block in zip(model.text_context(text), model.blocks):
         a = block.cross_attn
-        split = lambda t: t.unflatten(-1, (model.num_heads, -1)).transpose(1, 2)
+        split = lambda t: t.unflatten(-1, (model.config.num_heads, -1)).transpose(1, 2)
         torch.testing.assert_close(k, split(a.norm_k(a.k(context))), rtol=0, atol=1e-12)
         torch.testing.assert_close(v, split(a.v(context)), rtol=0, atol=1e-12)
 
@@ -178,7 +180,7 @@ def disagreeing_run(what):
     model = sf.build_model("tiny", torch.float32, "cpu", seed)
     text = sf.load_text(None, model, 1, 0)
     width = 40 if what == "width" and rank == 3 else 32
-    sf.generate(model, text, frames, 32, width, 0, sp.SPMesh.get(*mesh_shape))
+    sf.generate(model, text, sf.VideoSpec(frames, 32, width), sp.SPMesh.get(*mesh_shape))
 
 
 @pytest.mark.parametrize("what, message", [
@@ -200,22 +202,22 @@ def test_frames_past_the_rope_table_and_bad_windows_are_rejected():
     text = sf.load_text(None, model, 1, 0)
     mesh = sp.SPMesh(1, 1, local=True)
     with pytest.raises(ValueError, match="exceed the RoPE table's 1024 time positions"):
-        sf.generate(model, text, 1026, 16, 16, 0, mesh)
+        sf.generate(model, text, sf.VideoSpec(1026, 16, 16), mesh)
     with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
-        sf.generate(model, text, 6, 16, 16, 0, mesh, window_frames=2)
+        sf.generate(model, text, sf.VideoSpec(6, 16, 16, window_frames=2), mesh)
     with pytest.raises(ValueError, match="not a whole number of chunks"):
-        sf.generate(model, text, 7, 16, 16, 0, mesh)
+        sf.generate(model, text, sf.VideoSpec(7, 16, 16), mesh)
     with pytest.raises(ValueError, match=r"text embedding is \(1, 16, 31\)"):
-        sf.generate(model, text[..., :31], 6, 16, 16, 0, mesh)
+        sf.generate(model, text[..., :31], sf.VideoSpec(6, 16, 16), mesh)
 
 
 def graph_keys(mesh_shape, chunks, window, local=False):
     """The CUDA-graph key of each chunk of a video, run eagerly through a GraphedForward's own caches."""
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
-    table = sf.rope.RopeTable(model.dim // model.num_heads, 3 * chunks, 2, 3, dtype=torch.float64)
+    table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, 2, 3, dtype=torch.float64)
     forward = sf.GraphedForward(model, sf.new_caches(model, table, window), "fused", "none", 60)
-    forward.start_video(model.text_context(torch.zeros(1, 4, model.text_dim, dtype=torch.float64)))
+    forward.start_video(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
     keys = []
     with torch.no_grad():
         for c in range(chunks):
@@ -260,7 +262,7 @@ def test_every_parameter_tensor_moves_the_latents():
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     text = sf.load_text(None, model, 1, 0)
     mesh = sp.SPMesh(1, 1, local=True)
-    run = lambda: sf.generate(model, text, 6, 32, 32, 0, mesh, window_frames=6)
+    run = lambda: sf.generate(model, text, sf.VideoSpec(6, 32, 32, window_frames=6), mesh)
     base = run()
     gen = torch.Generator().manual_seed(1)
     dead = []
