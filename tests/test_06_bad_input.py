@@ -102,3 +102,12 @@ def test_a_cpu_run_far_beyond_the_tiny_preset_says_so():
     assert sf.cpu_estimate(sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96)) is None
     line = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
     assert line.startswith("note: this CPU run needs about") and "TFLOP" in line and "GiB" in line
+
+
+def test_a_misspelt_setting_is_an_error_not_a_default():
+    """The settings are dataclasses: an unknown name fails at once instead of being dropped."""
+    with pytest.raises(TypeError, match="text_lenght"):
+        sf.ModelConfig(dim=48, ffn_dim=96, num_heads=4, num_layers=2, text_lenght=16)
+    with pytest.raises(TypeError, match="window"):
+        sf.VideoSpec(6, 32, 32, window=6)
+    assert sf.VideoSpec(6, 32, 48, window_frames=3).grid == (6, 2, 3)
