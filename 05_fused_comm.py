@@ -13,7 +13,10 @@ The idea
         one copy away from the KV cache and the queries need no copy at all.
       * "overlap": V needs neither norm nor RoPE, so its all-to-all can start before Q/K are packed
         and run while they are (two exchanges instead of one, but one of them hidden).
-    The unfused layer (stages 03 + 04 as they are) stays beside it for comparison.
+    The unfused layer (stages 03 + 04 as they are) stays beside it for comparison. CausalSelfAttention's
+    forward picks one of the three (unfused_attention, fused_exchange, overlapped_exchange), then attends.
+    With a KV cache, a pass writes its chunk's K/V into the cache's slots; the caller keeps them
+    (stage 03's commit_chunk), as in every stage.
 
 Shapes
     x (per rank):           [batch, n_local, dim]
@@ -23,10 +26,10 @@ Shapes
                             Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
 
 Uses
-    01_rope: RopeTable, apply_rope      02_causal_attention: KVCache
+    01_rope: RopeTable, apply_rope; check, Timings and the command line (the shared harness)
+    02_causal_attention: KVCache
     03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention (the unfused layer)
     04_causal_rope_sp: causal_rope_sp (the unfused layer), and its baselines for --bench
-    01_rope: check, Timings and the command line (the shared harness)
 
 Run
     python 05_fused_comm.py                         fused == overlap == unfused == one process

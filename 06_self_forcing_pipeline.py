@@ -19,7 +19,7 @@ The idea
 
 Graph mode (the default on GPU)
     Split over GPUs, each rank's kernels get shorter but Python's work per forward does not: on 2 H100s an
-    eager Wan-1.3B forward needs ~59 ms of host time to enqueue ~20 ms of GPU work. So on GPU every
+    eager Wan-1.3B forward needs ~55 ms of host time to enqueue ~20 ms of GPU work. So on GPU every
     forward -- all 30 blocks, the all-to-alls included -- is a CUDA graph, captured once per visible-cache
     length and replayed from one host call (GraphedForward). Eager mode (EagerForward, --no-graph) is the
     same model code; CPU and the tests use it. Compilation and capture happen in a warm-up video before
