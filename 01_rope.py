@@ -54,8 +54,9 @@ def head_dim_problem(head_dim):
 
 def axis_pairs(head_dim):
     """Complex pairs given to (time, height, width), as Wan2.1 splits head_dim."""
-    if head_dim_problem(head_dim):
-        raise ValueError(head_dim_problem(head_dim))
+    problem = head_dim_problem(head_dim)
+    if problem:
+        raise ValueError(problem)
     pairs = head_dim // 2
     return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
 
@@ -187,8 +188,9 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, *args, **kwargs):
         """Parse, and (for a stage that rotates) check that --head-dim splits over the 3 RoPE axes."""
         parsed = super().parse_args(*args, **kwargs)
-        if self.rope_head_dim and head_dim_problem(parsed.head_dim):
-            self.error(f"--head-dim: {head_dim_problem(parsed.head_dim)}")
+        problem = head_dim_problem(parsed.head_dim) if self.rope_head_dim else None
+        if problem:
+            self.error(f"--head-dim: {problem}")
         return parsed
 
 

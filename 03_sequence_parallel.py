@@ -82,32 +82,6 @@ def shard_bounds(length, parts):
     return bounds
 
 
-def agree(device, what, problem=None, **fields):
-    """Raise the same BadInput (a ValueError) on every rank if any rank found a `problem` with its own input
-    (a message, or None) or if ranks passed different integer `fields`. One small all_gather of identical
-    shape on every rank (plus one more to share the messages if something is wrong), so it cannot hang."""
-    world_size, _ = world()
-    if world_size == 1:
-        if problem:
-            raise rope.BadInput(f"{what}: {problem}")
-        return
-    mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64,
-                        device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    every = [row.tolist() for row in every]
-    failed = [r for r, row in enumerate(every) if row[0]]
-    if failed:
-        messages = [None] * world_size
-        dist.all_gather_object(messages, problem)
-        raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} "
-                            f"(ranks rejecting their input: {failed})")
-    for i, name in enumerate(fields, start=1):
-        values = [row[i] for row in every]
-        if len(set(values)) > 1:
-            raise rope.BadInput(f"{what}: ranks disagree on {name}: {values} (by rank)")
-
-
 class SPMesh:
     """A world of U x R ranks: Ulysses groups of U consecutive ranks, ring groups of ranks U apart.
 
@@ -134,12 +108,8 @@ class SPMesh:
         if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
             problem = (f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size "
                        f"{world_size}")
-        if local:
-            if problem:
-                raise rope.BadInput(f"SPMesh: {problem}")
-        else:
-            agree(self.device, "SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
         self.world_size, self.rank = world_size, rank
+        self.agree("SPMesh", problem, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.ring_rank, self.ulysses_rank = divmod(rank, ulysses_degree)
         self.ulysses_ranks = [self.ring_rank * ulysses_degree + i for i in range(ulysses_degree)]
@@ -163,13 +133,30 @@ class SPMesh:
         return [dist.new_group(ranks) for ranks in all_ranks][mine]
 
     def agree(self, what, problem=None, **fields):
-        """`agree` among this mesh's ranks. A mesh of one process (the single-process reference, which may
-        run on one rank of a job while the others wait) has no one to ask: it raises its own problem."""
+        """Raise the same BadInput (a ValueError) on every rank of the mesh if any rank found a `problem` with
+        its own input (a message, or None) or if ranks passed different integer `fields`. One small
+        all_gather of identical shape on every rank (plus one more to share the messages if something is
+        wrong), so it cannot hang. A mesh of one process (the single-process reference, which may run on
+        one rank of a job while the others wait) has no one to ask: it raises its own problem."""
         if self.world_size == 1:
             if problem:
                 raise rope.BadInput(f"{what}: {problem}")
             return
-        agree(self.device, what, problem, **fields)
+        mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64,
+                            device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        every = [row.tolist() for row in every]
+        failed = [r for r, row in enumerate(every) if row[0]]
+        if failed:
+            messages = [None] * self.world_size
+            dist.all_gather_object(messages, problem)
+            raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} "
+                                f"(ranks rejecting their input: {failed})")
+        for i, name in enumerate(fields, start=1):
+            values = [row[i] for row in every]
+            if len(set(values)) > 1:
+                raise rope.BadInput(f"{what}: ranks disagree on {name}: {values} (by rank)")
 
     def heads_problem(self, heads):
         if heads % self.ulysses_degree:

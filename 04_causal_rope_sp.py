@@ -16,9 +16,9 @@ Shapes
     x_local: [batch, n_local, heads, head_dim]   (this rank's contiguous shard of the chunk)
 
 Uses
-    01_rope: RopeTable, apply_rope, axis_angles / axis_pairs, causal_rope (the reference)
+    01_rope: RopeTable, apply_rope, axis_angles / axis_pairs, causal_rope (the reference); check, Timings
+             and the command line (the shared harness)
     03_sequence_parallel: SPMesh, gather_tokens (the baseline's all-gather), init_distributed
-    01_rope: check, Timings and the command line (the shared harness)
 
 Run
     python 04_causal_rope_sp.py
