@@ -23,23 +23,14 @@ Two ways to rotate, which must agree:
                                             (https://github.com/guandeh17/Self-Forcing causal_model.py)
     apply_rope(x, *table.rows(first, end))  slices the precomputed table
 
-Shared by every stage
-    The file ends with the small harness the later stages use: `check` (max error against a reference,
-    raising past a tolerance), the command line (`Parser`, `run_main`, `BadInput`: a bad flag or input is
-    one line, no traceback) and timing (`time_ms`, `Timings`) for the benchmarks of stages 04-06.
-
 Run
     python 01_rope.py                 checks norm preservation, relative positions, table == on-the-fly,
                                       and chunk(start_frame=s) == frames s.. of the whole video
     torchrun --nproc_per_node=2 01_rope.py   every rank runs the same checks, rank 0 prints
 """
-import argparse
-import os
-import statistics
-import sys
-import time
-
 import torch
+
+from support.harness import Parser, check, is_rank_zero, positive, run_main
 
 THETA = 10000.0
 MAX_TIME_POSITIONS = 1024  # upstream builds 1024 rows per axis; longer videos overflow it
@@ -160,112 +151,14 @@ class RopeTable:
         return self.rows(chunk_first + first, chunk_first + end)
 
 
-# ----------------------------------------------------------------------------- what every stage shares
-# Self-checks, the command line and timing: scaffolding, kept here once so that each stage is its concept.
-
-def check(name, got, want, tol):
-    """Max abs error of `got` against `want`; raises if it exceeds `tol` (self-checks must fail loudly)."""
-    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-    if not err <= tol:  # also catches NaN
-        raise AssertionError(f"{name}: max error {err:.3e} exceeds tolerance {tol:.1e}")
-    return err
-
-
-class BadInput(ValueError):
-    """A wrong flag, file or configuration, not a bug: a stage reports it in one line, with no traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    """The stages' argument parser: a bad flag ends the process with one line, 'error: ...' (exit code 2)."""
-
-    def __init__(self, doc, rope_head_dim=False):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        self.rope_head_dim = rope_head_dim          # check that --head-dim splits over the 3 RoPE axes
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-    def parse_args(self, *args, **kwargs):
-        """Parse, and (for a stage that rotates) check that --head-dim splits over the 3 RoPE axes."""
-        parsed = super().parse_args(*args, **kwargs)
-        problem = head_dim_problem(parsed.head_dim) if self.rope_head_dim else None
-        if problem:
-            self.error(f"--head-dim: {problem}")
-        return parsed
-
-
-def positive(text):
-    """argparse type: an integer >= 1."""
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative(text):
-    """argparse type: an integer >= 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def run_main(main):
-    """Run a stage's main(). BadInput (which every rank raises alike, before any collective) ends this rank
-    with one line 'error: ...' and exit code 2; any other exception is a bug and keeps its traceback."""
-    try:
-        main()
-    except BadInput as e:
-        sys.stderr.write(f"error: {e}\n")         # one write: the lines of several ranks do not interleave
-        sys.stderr.flush()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        raise SystemExit(2)
-
-
-def time_ms(fn, device, warmup=3, repeats=20):
-    """Median wall time of fn() in ms: CUDA events on GPU (after warm-up), perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-class Timings:
-    """The benchmark table of stages 04-06: named times in ms, each printed as it is measured (where `show`,
-    i.e. on rank 0), with its speed-up over an earlier row when asked."""
-
-    def __init__(self, device, show=True, warmup=3, repeats=20):
-        self.device, self.show, self.warmup, self.repeats = device, show, warmup, repeats
-        self.ms = {}
-
-    def add(self, name, ms, note="", versus=None):
-        """Record (and print) a time measured elsewhere."""
-        self.ms[name] = ms
-        if versus is not None:
-            note = f"{note}   {self.ms[versus] / ms:5.1f}x vs {versus}".strip()
-        if self.show:
-            print(f"  {name:<44s} {ms:10.3f} ms   {note}".rstrip(), flush=True)
-        return ms
-
-    def time(self, name, fn, note="", versus=None):
-        """Median time of fn() (time_ms), recorded and printed."""
-        return self.add(name, time_ms(fn, self.device, self.warmup, self.repeats), note, versus)
+def head_dim_flag(args):
+    """The stages' --head-dim check (a Parser `check`): a message naming the flag, or None."""
+    problem = head_dim_problem(args.head_dim)
+    return problem and f"--head-dim: {problem}"
 
 
 def main():
-    parser = Parser(__doc__, rope_head_dim=True)
+    parser = Parser(__doc__, check=head_dim_flag)
     parser.add_argument("--frames", type=positive, default=6, help="latent frames (>= 3)")
     parser.add_argument("--height", type=positive, default=4)
     parser.add_argument("--width", type=positive, default=5)
@@ -276,8 +169,7 @@ def main():
     if min(args.frames, args.height, args.width) < 3:
         parser.error("--frames, --height and --width must be >= 3 "
                      "(the relative-position check uses token (2, 2, 2))")
-    is_main = int(os.environ.get("RANK", "0")) == 0  # no process group needed: every rank checks the same
-
+    
     F, H, W, D = args.frames, args.height, args.width, args.head_dim
     gen = torch.Generator().manual_seed(args.seed)
     q = torch.randn(1, F * H * W, args.heads, D, dtype=torch.float64, generator=gen)
@@ -300,7 +192,7 @@ def main():
     dot = lambda i, j: (same_q[:, i] * same_k[:, j]).sum(-1)
     errs["q.k depends on position difference only"] = check(
         "relative", dot(token(1, 1, 1), token(2, 2, 2)), dot(token(0, 0, 0), token(1, 1, 1)), 1e-10)
-    if is_main:
+    if is_rank_zero():                      # no process group needed: every rank checks the same
         print(f"01_rope: grid {F}x{H}x{W}, head_dim {D} = time/height/width pairs {axis_pairs(D)}")
         for name, err in errs.items():
             print(f"  {name:<45s} max error {err:.1e}")

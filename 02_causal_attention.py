@@ -22,7 +22,7 @@ Shapes
     block_causal_mask:           [tokens, tokens] bool, True = may attend
 
 Uses
-    01_rope: causal_rope (the rotation, applied per chunk with its start_frame); check and the command line
+    01_rope: causal_rope, head_dim_flag
 
 Run
     python 02_causal_attention.py   the chunked run with the KV cache (with and without a window) equals
@@ -30,10 +30,11 @@ Run
     torchrun --nproc_per_node=2 02_causal_attention.py   every rank checks, rank 0 prints
 """
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
+
+from support.harness import check, is_rank_zero, non_negative, Parser, positive, run_main
 
 rope = importlib.import_module("01_rope")
 
@@ -52,10 +53,16 @@ def fast_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def window_problem(window_frames, chunk_frames):
-    """What is wrong with a local window (a message), or None."""
+def spell_setting(name, value):
+    """How a library message names a setting: `window_frames=2` (a command line spells its flag instead)."""
+    return f"{name}={value}"
+
+
+def window_problem(window_frames, chunk_frames, spell=spell_setting):
+    """What is wrong with a local window (a message), or None. `spell(name, value)` names a setting (a
+    command line spells it as its flag)."""
     if window_frames is not None and window_frames < chunk_frames:
-        return (f"window_frames={window_frames} must be >= chunk_frames={chunk_frames}: "
+        return (f"{spell('window_frames', window_frames)} must be >= {spell('chunk_frames', chunk_frames)}: "
                 "a chunk must at least see itself")
     return None
 
@@ -111,6 +118,12 @@ class KVCache:
         self.length = 0                 # tokens this rank holds
         self.kept_from = 0              # global index of the oldest token still visible
         self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges
+
+    @classmethod
+    def for_video(cls, frames, tokens_per_frame, window_frames=None):
+        """A cache for a video of `frames` frames: room for all of them, or for the window's."""
+        window_tokens = None if window_frames is None else window_frames * tokens_per_frame
+        return cls(window_tokens or frames * tokens_per_frame, window_tokens)
 
     def reset(self):
         """Forget every chunk (the next video starts empty); the storage stays where it is."""
@@ -189,8 +202,7 @@ def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, att
         raise ValueError(f"{frames} frames are not a whole number of chunks of {chunk_frames}")
     check_window(window_frames, chunk_frames)
     tpf = height * width
-    window_tokens = None if window_frames is None else window_frames * tpf
-    cache = KVCache(frames * tpf if window_tokens is None else window_tokens, window_tokens)
+    cache = KVCache.for_video(frames, tpf, window_frames)
     outs = []
     for start_frame in range(0, frames, chunk_frames):
         chunk = (start_frame * tpf, (start_frame + chunk_frames) * tpf)
@@ -212,21 +224,23 @@ def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None):
 
 
 def main():
-    parser = rope.Parser(__doc__, rope_head_dim=True)
-    parser.add_argument("--frames", type=rope.positive, default=12)
-    parser.add_argument("--height", type=rope.positive, default=3)
-    parser.add_argument("--width", type=rope.positive, default=4)
-    parser.add_argument("--heads", type=rope.positive, default=2)
-    parser.add_argument("--head-dim", type=rope.positive, default=16)
-    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
-    parser.add_argument("--window-frames", type=rope.positive, default=7)
-    parser.add_argument("--seed", type=rope.non_negative, default=0)
+    parser = Parser(__doc__, check=rope.head_dim_flag)
+    parser.add_argument("--frames", type=positive, default=12)
+    parser.add_argument("--height", type=positive, default=3)
+    parser.add_argument("--width", type=positive, default=4)
+    parser.add_argument("--heads", type=positive, default=2)
+    parser.add_argument("--head-dim", type=positive, default=16)
+    parser.add_argument("--chunk-frames", type=positive, default=3)
+    parser.add_argument("--window-frames", type=positive, default=7)
+    parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     if args.frames % args.chunk_frames:
         parser.error(f"--frames {args.frames} is not a whole number of chunks of "
                      f"--chunk-frames {args.chunk_frames}")
-    if window_problem(args.window_frames, args.chunk_frames):
-        parser.error(f"--window-frames {args.window_frames} must be >= --chunk-frames {args.chunk_frames}")
+    problem = window_problem(args.window_frames, args.chunk_frames,
+                             lambda name, value: f"--{name.replace('_', '-')} {value}")
+    if problem:
+        parser.error(problem)
     grid = (args.frames, args.height, args.width)
     n = args.frames * args.height * args.width
     gen = torch.Generator().manual_seed(args.seed)
@@ -236,14 +250,14 @@ def main():
     for window in (None, args.window_frames):
         want = full_pass_attention(q, k, v, grid, args.chunk_frames, window)
         got = chunked_video_attention(q, k, v, grid, args.chunk_frames, window)
-        err = rope.check("chunked vs masked", got, want, 1e-12)
+        err = check("chunked vs masked", got, want, 1e-12)
         lines.append(f"  window {str(window):>4s} frames: chunked (KV cache) vs one masked pass  "
                      f"max error {err:.1e}")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(f"02_causal_attention: {args.frames} frames of {args.height}x{args.width} tokens, "
               f"chunks of {args.chunk_frames} frames, float64")
         print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    rope.run_main(main)
+    run_main(main)

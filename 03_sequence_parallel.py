@@ -32,8 +32,7 @@ Shapes
     K/V (cache + chunk) per rank:  [tokens of its ring shard, 2, batch, heads / U, head_dim]
 
 Uses
-    01_rope: check, BadInput and the command line
-    02_causal_attention: KVCache, heads_major, fast_attention; attention and block_causal_mask (the reference)
+    02_causal_attention: KVCache, heads_major, fast_attention, attention, block_causal_mask
 
 Run
     python 03_sequence_parallel.py                          (one process: the degenerate mesh 1 x 1)
@@ -48,22 +47,38 @@ import os
 import torch
 import torch.distributed as dist
 
-rope = importlib.import_module("01_rope")
+from support.harness import (BadInput, Parser, check, choose_device, is_rank_zero, non_negative, positive,
+                             run_main)
+
 causal = importlib.import_module("02_causal_attention")
 
 
 # ----------------------------------------------------------------------------- process groups
 
-def init_distributed(timeout_s=600):
-    """Join the torchrun job if there is one (nccl on GPU, gloo on CPU). Returns this rank's device."""
-    use_cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
+def init_distributed(timeout_s=600, needs_gpus=None):
+    """Join the torchrun job if there is one. Returns this rank's device, chosen from the ranks and GPUs of
+    this node by support.harness.choose_device: one GPU per rank (nccl), or the CPU (gloo) where GPUs are
+    absent or too few (rank 0 says so in one line). A run that `needs_gpus` (e.g. "--bench") stops instead,
+    with the same one-line BadInput on every rank, before any collective."""
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device, note = choose_device(ranks_on_node, gpus, int(os.environ.get("LOCAL_RANK", 0)), needs_gpus)
+    if note and is_rank_zero():
+        print(note, flush=True)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def job_device():
+    """The device of this rank's collectives: its GPU under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world():
@@ -102,8 +117,7 @@ class SPMesh:
     def __init__(self, ulysses_degree, ring_degree, device=None, local=False):
         """local=True: a 1 x 1 mesh of this process alone, whatever the job (the single-process reference)."""
         world_size, rank = (1, 0) if local else world()
-        on_gpus = torch.cuda.is_available() and world_size > 1
-        self.device = torch.device(device or ("cuda" if on_gpus else "cpu"))
+        self.device = torch.device(device or ("cpu" if local else job_device()))
         problem = None
         if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world_size:
             problem = (f"ulysses {ulysses_degree} x ring {ring_degree} does not multiply to the world size "
@@ -140,7 +154,7 @@ class SPMesh:
         one rank of a job while the others wait) has no one to ask: it raises its own problem."""
         if self.world_size == 1:
             if problem:
-                raise rope.BadInput(f"{what}: {problem}")
+                raise BadInput(f"{what}: {problem}")
             return
         mine = torch.tensor([problem is not None] + [int(v) for v in fields.values()], dtype=torch.int64,
                             device=self.device)
@@ -151,12 +165,12 @@ class SPMesh:
         if failed:
             messages = [None] * self.world_size
             dist.all_gather_object(messages, problem)
-            raise rope.BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} "
+            raise BadInput(f"{what}: rank {failed[0]}: {messages[failed[0]]} "
                                 f"(ranks rejecting their input: {failed})")
         for i, name in enumerate(fields, start=1):
             values = [row[i] for row in every]
             if len(set(values)) > 1:
-                raise rope.BadInput(f"{what}: ranks disagree on {name}: {values} (by rank)")
+                raise BadInput(f"{what}: ranks disagree on {name}: {values} (by rank)")
 
     def heads_problem(self, heads):
         if heads % self.ulysses_degree:
@@ -431,13 +445,13 @@ def mesh_shape(world_size, heads, ring_degree=None):
 
 
 def main():
-    parser = rope.Parser(__doc__)
-    parser.add_argument("--tokens", type=rope.positive, default=61,
+    parser = Parser(__doc__)
+    parser.add_argument("--tokens", type=positive, default=61,
                         help="tokens per chunk (need not divide the world size)")
-    parser.add_argument("--heads", type=rope.positive, default=12)
-    parser.add_argument("--head-dim", type=rope.positive, default=32)
-    parser.add_argument("--chunks", type=rope.positive, default=3, help="chunks run through the KV cache")
-    parser.add_argument("--seed", type=rope.non_negative, default=0)
+    parser.add_argument("--heads", type=positive, default=12)
+    parser.add_argument("--head-dim", type=positive, default=32)
+    parser.add_argument("--chunks", type=positive, default=3, help="chunks run through the KV cache")
+    parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     device = init_distributed()
     world_size, rank = world()
@@ -462,7 +476,7 @@ def main():
             outs.append(sp_attention(q[:, sl], k[:, sl], v[:, sl], mesh, chunk, cache))
             commit_chunk(cache, mesh, chunk)
         got = torch.cat([gather_tokens(o, mesh, N) for o in outs], dim=1)
-        err = rope.check(f"ulysses {U} x ring {R}", got, want, tol)
+        err = check(f"ulysses {U} x ring {R}", got, want, tol)
         lines.append(f"  ulysses {U} x ring {R}: {C} chunks of {N} tokens through the KV cache, "
                      f"max error vs one process {err:.1e}")
     if rank == 0:
@@ -485,4 +499,4 @@ def finish_distributed():
 
 
 if __name__ == "__main__":
-    rope.run_main(main)
+    run_main(main)

@@ -16,9 +16,8 @@ Shapes
     x_local: [batch, n_local, heads, head_dim]   (this rank's contiguous shard of the chunk)
 
 Uses
-    01_rope: RopeTable, apply_rope, axis_angles / axis_pairs, causal_rope (the reference); check, Timings
-             and the command line (the shared harness)
-    03_sequence_parallel: SPMesh, gather_tokens (the baseline's all-gather), init_distributed
+    01_rope: RopeTable, apply_rope, axis_angles, axis_pairs, causal_rope, head_dim_flag
+    03_sequence_parallel: SPMesh, gather_tokens, init_distributed, finish_distributed
 
 Run
     python 04_causal_rope_sp.py
@@ -29,6 +28,9 @@ Run
 import importlib
 
 import torch
+
+from support.harness import check, non_negative, Parser, positive, run_main
+from support.timing import Timings
 
 rope = importlib.import_module("01_rope")
 sp = importlib.import_module("03_sequence_parallel")
@@ -64,15 +66,15 @@ def causal_rope_sp(x_local, table, start_frame, num_frames, shard):
 
 
 def main():
-    parser = rope.Parser(__doc__, rope_head_dim=True)
-    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
-    parser.add_argument("--video-frames", type=rope.positive, default=21, help="frames of the RoPE table")
-    parser.add_argument("--start-frame", type=rope.non_negative, default=9)
-    parser.add_argument("--height", type=rope.positive, default=6)
-    parser.add_argument("--width", type=rope.positive, default=7)
-    parser.add_argument("--heads", type=rope.positive, default=4)
-    parser.add_argument("--head-dim", type=rope.positive, default=32)
-    parser.add_argument("--seed", type=rope.non_negative, default=0)
+    parser = Parser(__doc__, check=rope.head_dim_flag)
+    parser.add_argument("--chunk-frames", type=positive, default=3)
+    parser.add_argument("--video-frames", type=positive, default=21, help="frames of the RoPE table")
+    parser.add_argument("--start-frame", type=non_negative, default=9)
+    parser.add_argument("--height", type=positive, default=6)
+    parser.add_argument("--width", type=positive, default=7)
+    parser.add_argument("--heads", type=positive, default=4)
+    parser.add_argument("--head-dim", type=positive, default=32)
+    parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     if args.start_frame + args.chunk_frames > args.video_frames:
         parser.error(f"a chunk at --start-frame {args.start_frame} of {args.chunk_frames} frames does not "
@@ -99,13 +101,13 @@ def main():
     if mesh.rank == 0:
         print(f"04_causal_rope_sp: {mesh.world_size} rank(s), {device.type}, {dtype}, chunk {grid} = "
               f"{length} tokens x {args.heads} heads x {args.head_dim}, start_frame {start}; median times")
-    timings = rope.Timings(device, show=mesh.rank == 0)
+    timings = Timings(device, show=mesh.rank == 0)
     for name, fn in versions.items():
-        err = rope.check(name, fn(), want, tol)
+        err = check(name, fn(), want, tol)
         timings.time(name, fn, note=f"max error {err:.1e}",
                      versus=None if name == "all-gather baseline" else "all-gather baseline")
     sp.finish_distributed()
 
 
 if __name__ == "__main__":
-    rope.run_main(main)
+    run_main(main)

@@ -26,10 +26,12 @@ Shapes
                             Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
 
 Uses
-    01_rope: RopeTable, apply_rope; check, Timings and the command line (the shared harness)
+    01_rope: RopeTable, apply_rope, head_dim_problem, MAX_TIME_POSITIONS
     02_causal_attention: KVCache
-    03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention (the unfused layer)
-    04_causal_rope_sp: causal_rope_sp (the unfused layer), and its baselines for --bench
+    03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention, commit_chunk,
+        ring_shard_of, copy_rows_, gather_tokens, shard_bounds, mesh_shape, world, init_distributed,
+        finish_distributed
+    04_causal_rope_sp: causal_rope_sp, causal_rope_sp_positions, rope_allgather_baseline
 
 Run
     python 05_fused_comm.py                         fused == overlap == unfused == one process
@@ -44,6 +46,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from support.harness import check, non_negative, Parser, positive, run_main
+from support.timing import Timings
 
 rope = importlib.import_module("01_rope")
 causal = importlib.import_module("02_causal_attention")
@@ -225,7 +230,7 @@ def check_main(args, device):
         errors = {}
         for mode in MODES:
             got = torch.cat([sp.gather_tokens(o, mesh, tokens) for o in run(mesh, mode)], dim=1)
-            errors[mode] = rope.check(mode, got, want, tol)
+            errors[mode] = check(mode, got, want, tol)
     if mesh.rank == 0:
         shards = [b - a for a, b in sp.shard_bounds(tokens, mesh.world_size)]
         print(f"05_fused_comm: {mesh.world_size} rank(s) = ulysses {mesh.ulysses_degree} x ring "
@@ -253,7 +258,7 @@ def bench_main(args, device):
         print(f"05_fused_comm --bench: {mesh.world_size} rank(s) (ulysses {mesh.ulysses_degree} x ring "
               f"{mesh.ring_degree}), {gpu}, {dtype}, chunk {grid} = {layout.length} tokens, {H} heads x {D}; "
               f"median of {args.repeats} runs", flush=True)
-    timings = rope.Timings(device, mesh.rank == 0, args.warmup, args.repeats)
+    timings = Timings(device, mesh.rank == 0, args.warmup, args.repeats)
     baseline = "RoPE: all-gather baseline (q)"
     with torch.no_grad():
         timings.time(baseline, lambda: crsp.rope_allgather_baseline(q_local, mesh, grid, start))
@@ -289,26 +294,26 @@ def bench_main(args, device):
 
 
 def main():
-    parser = rope.Parser(__doc__)
+    parser = Parser(__doc__)
     parser.add_argument("--bench", action="store_true", help="time at Wan-1.3B shapes instead of checking")
-    parser.add_argument("--ring", type=rope.positive, default=None,
+    parser.add_argument("--ring", type=positive, default=None,
                         help="ring degree (Ulysses degree = world / ring); "
                              "default: as much Ulysses as the heads allow")
-    parser.add_argument("--dim", type=rope.positive, default=None, help="model dim (default 48, bench 1536)")
-    parser.add_argument("--heads", type=rope.positive, default=None, help="heads (default 4, bench 12)")
-    parser.add_argument("--height", type=rope.positive, default=None,
+    parser.add_argument("--dim", type=positive, default=None, help="model dim (default 48, bench 1536)")
+    parser.add_argument("--heads", type=positive, default=None, help="heads (default 4, bench 12)")
+    parser.add_argument("--height", type=positive, default=None,
                         help="latent rows / 2 (default 3, bench 30)")
-    parser.add_argument("--width", type=rope.positive, default=None,
+    parser.add_argument("--width", type=positive, default=None,
                         help="latent columns / 2 (default 5, bench 52)")
-    parser.add_argument("--chunk-frames", type=rope.positive, default=3)
-    parser.add_argument("--chunks", type=rope.positive, default=3)
-    parser.add_argument("--video-frames", type=rope.positive, default=21)
-    parser.add_argument("--start-frame", type=rope.non_negative, default=9)
-    parser.add_argument("--cache-frames", type=rope.non_negative, default=9,
+    parser.add_argument("--chunk-frames", type=positive, default=3)
+    parser.add_argument("--chunks", type=positive, default=3)
+    parser.add_argument("--video-frames", type=positive, default=21)
+    parser.add_argument("--start-frame", type=non_negative, default=9)
+    parser.add_argument("--cache-frames", type=non_negative, default=9,
                         help="bench: frames already in the KV cache")
-    parser.add_argument("--warmup", type=rope.non_negative, default=5)
-    parser.add_argument("--repeats", type=rope.positive, default=50)
-    parser.add_argument("--seed", type=rope.non_negative, default=0)
+    parser.add_argument("--warmup", type=non_negative, default=5)
+    parser.add_argument("--repeats", type=positive, default=50)
+    parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     for name, small, wan in (("dim", 48, 1536), ("heads", 4, 12), ("height", 3, 30), ("width", 5, 52)):
         if getattr(args, name) is None:
@@ -323,10 +328,10 @@ def main():
     if last_frame > min(table_frames, rope.MAX_TIME_POSITIONS):
         parser.error(f"the chunks reach frame {last_frame}, past the RoPE table "
                      f"(--video-frames {args.video_frames})")
-    device = sp.init_distributed()
+    device = sp.init_distributed(needs_gpus="--bench" if args.bench else None)
     (bench_main if args.bench else check_main)(args, device)
     sp.finish_distributed()
 
 
 if __name__ == "__main__":
-    rope.run_main(main)
+    run_main(main)

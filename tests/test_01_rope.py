@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from support.harness import check
+
 rope = importlib.import_module("01_rope")
 
 EXACT = 1e-12  # float64 throughout: only rounding separates the versions
@@ -126,6 +128,6 @@ def test_shape_mismatches_are_rejected():
 
 def test_check_fails_loudly():
     with pytest.raises(AssertionError, match="exceeds tolerance"):
-        rope.check("x", torch.ones(3), torch.zeros(3), 1e-3)
+        check("x", torch.ones(3), torch.zeros(3), 1e-3)
     with pytest.raises(AssertionError):
-        rope.check("nan", torch.tensor([float("nan")]), torch.zeros(1), 1e-3)
+        check("nan", torch.tensor([float("nan")]), torch.zeros(1), 1e-3)

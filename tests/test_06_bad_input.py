@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rank_pool import RankError, get_pool
+from support import files, pipeline_cli as cli
 
 sp = importlib.import_module("03_sequence_parallel")
 sf = importlib.import_module("06_self_forcing_pipeline")
@@ -25,18 +26,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--graph-timeout", "0"], "--graph-timeout must be a positive number of seconds"),
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):
-    parser = sf.build_parser()
     with pytest.raises(SystemExit) as info:
-        sf.check_flags(parser, parser.parse_args(argv))
+        cli.build_parser(sf).parse_args(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
 def test_a_ring_that_does_not_fit_the_ranks_names_the_choices(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    parser = sf.build_parser()
     with pytest.raises(SystemExit):
-        sf.check_flags(parser, parser.parse_args(["--ring", "3"]))
+        cli.build_parser(sf).parse_args(["--ring", "3"])
     assert "--ring 3 does not fit 2 rank(s)" in capsys.readouterr().err
 
 
@@ -55,9 +54,11 @@ def bad_files(tmp):
 
 def read_inputs_on_rank(overrides):
     """Stage 06's input checks on this rank, with the default flags except `overrides`."""
-    args = sf.build_parser().parse_args([])
+    args = cli.build_parser(sf).parse_args([])
     vars(args).update(overrides)
-    sf.read_inputs(args, torch.float32, torch.device("cpu"), sp.SPMesh.get(2, 1))
+    cpu = torch.device("cpu")
+    cli.read_inputs(cli.Job(sf, None, args, cli.video_spec(sf, args), cpu, sp.SPMesh.get(2, 1), torch.float32,
+                            sf.RunOptions(graphs=False)))
     return "ok"
 
 
@@ -92,15 +93,15 @@ def test_the_command_prints_one_line_and_no_traceback(tmp_path):
 
 
 def test_a_special_file_is_written_in_place(tmp_path):
-    sf.save_latents({"latents": torch.zeros(1)}, os.devnull)
+    files.save({"latents": torch.zeros(1)}, os.devnull)
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
-    sf.save_latents({"latents": torch.ones(1)}, str(tmp_path / "a" / "latents.pt"))
+    files.save({"latents": torch.ones(1)}, str(tmp_path / "a" / "latents.pt"))
     assert torch.load(tmp_path / "a" / "latents.pt")["latents"].item() == 1 and os.listdir(tmp_path / "a") == ["latents.pt"]
 
 
 def test_a_cpu_run_far_beyond_the_tiny_preset_says_so():
-    assert sf.cpu_estimate(sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96)) is None
-    line = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
+    assert cli.cpu_estimate(sf, sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96)) is None
+    line = cli.cpu_estimate(sf, sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
     assert line.startswith("note: this CPU run needs about") and "TFLOP" in line and "GiB" in line
 
 

@@ -4,9 +4,14 @@ import importlib
 import json
 import os
 
+import types
+
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from support import weights
+from support.harness import BadInput
 
 sf = importlib.import_module("06_self_forcing_pipeline")
 rope = importlib.import_module("01_rope")
@@ -31,7 +36,7 @@ def test_every_form_loads_to_the_same_weights(tmp_path):
     single = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in source.items()}, str(single))
     save_sharded(source, str(tmp_path / "wan_shards"))
-    diffusers_state = {sf.diffusers_name(k): v for k, v in source.items()}
+    diffusers_state = {weights.diffusers_name(k): v for k, v in source.items()}
     save_sharded(diffusers_state, str(tmp_path / "Wan-Diffusers" / "transformer"))
     for path in [single, tmp_path / "wan_shards", tmp_path / "wan_shards" / "diffusion_pytorch_model.safetensors.index.json",
                  tmp_path / "Wan-Diffusers", tmp_path / "Wan-Diffusers" / "transformer"]:
@@ -42,9 +47,9 @@ def test_every_form_loads_to_the_same_weights(tmp_path):
 
 def test_the_diffusers_names_round_trip_and_are_distinct():
     names = list(sf.build_model("tiny", torch.float32, "cpu", 0).state_dict())
-    theirs = [sf.diffusers_name(n) for n in names]
+    theirs = [weights.diffusers_name(n) for n in names]
     assert len(set(theirs)) == len(names)
-    assert [sf.wan_name(t) for t in theirs] == names
+    assert [weights.wan_name(t) for t in theirs] == names
     assert "scale_shift_table" in theirs and "blocks.1.attn2.to_out.0.weight" in theirs
     assert "blocks.0.norm2.weight" in theirs and "condition_embedder.time_proj.bias" in theirs
 
@@ -63,7 +68,7 @@ def test_diffusers_wan_model_has_exactly_these_names_and_computes_the_same():
     ours = sf.build_model("tiny", torch.float64, "cpu", 3)
     for p in ours.parameters():     # norm weights start at ones and the head at random: make all of them matter
         torch.nn.init.normal_(p, std=0.2)
-    mapped = {sf.diffusers_name(k): v for k, v in ours.state_dict().items()}
+    mapped = {weights.diffusers_name(k): v for k, v in ours.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     theirs.load_state_dict(mapped, strict=True)
 
@@ -74,8 +79,8 @@ def test_diffusers_wan_model_has_exactly_these_names_and_computes_the_same():
         want = theirs(latents, torch.tensor([700.0], dtype=torch.float64), text, return_dict=False)[0]
         table = rope.RopeTable(preset.dim // preset.num_heads, 3, 2, 3, dtype=torch.float64)
         layout = sf.fused.ShardLayout(sf.sp.SPMesh(1, 1, local=True), table, 0, 3)
-        flow = ours(sf.patchify(latents), torch.full((1, 3), 700.0, dtype=torch.float64), layout, [None] * 2,
-                    ours.text_context(text))
+        state = types.SimpleNamespace(caches=[None] * 2, text_kv=ours.text_context(text))
+        flow = ours(sf.patchify(latents), torch.full((1, 3), 700.0, dtype=torch.float64), layout, state)
     # diffusers embeds the timestep and builds its RoPE in float32, so agreement is float32's, not float64's
     got = sf.unpatchify(flow, 3, 4, 6)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
@@ -91,6 +96,6 @@ def test_a_damaged_safetensors_checkpoint_is_named(tmp_path, damage, message):
     save_sharded(source, str(tmp_path))
     shard = tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"
     damage(str(shard))
-    with pytest.raises(rope.BadInput, match=message) as info:
+    with pytest.raises(BadInput, match=message) as info:
         sf.build_model("tiny", torch.float32, "cpu", 1, checkpoint=str(tmp_path))
     assert str(shard) in str(info.value)

@@ -1,5 +1,5 @@
-"""The optional ends of stage 06: a prompt through umT5 in, an mp4 through the Wan VAE out. Tiny random
-models in the layout of a Wan2.1 diffusers release; skipped where the optional packages are absent."""
+"""The optional front of stage 06: a prompt through umT5 in. A tiny random umT5 in the layout of a Wan2.1
+diffusers release; skipped where the optional packages are absent."""
 import importlib
 import os
 import subprocess
@@ -9,18 +9,17 @@ import pytest
 import torch
 
 sf = importlib.import_module("06_self_forcing_pipeline")
+from support import extras  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["a", "red", "fox", "runs", "in", "the", "snow"]
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    """A tiny Wan2.1-diffusers-shaped folder: tokenizer/, text_encoder/ (umT5 with the tiny preset's text
-    width) and vae/ (AutoencoderKLWan: 8x space, 4x time, 16 latent channels)."""
-    diffusers = pytest.importorskip("diffusers")
+    """A tiny Wan2.1-diffusers-shaped folder: tokenizer/ and text_encoder/ (umT5 with the tiny preset's text
+    width)."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    pytest.importorskip("imageio_ffmpeg")
     folder = tmp_path_factory.mktemp("wan-tiny-diffusers")
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -31,42 +30,32 @@ def wan_folder(tmp_path_factory):
     config = transformers.UMT5Config(vocab_size=len(vocab), d_model=sf.PRESETS["tiny"].text_dim, d_kv=8, d_ff=64,
                                      num_layers=1, num_heads=4)
     transformers.UMT5EncoderModel(config).save_pretrained(folder / "text_encoder")
-    diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1).save_pretrained(folder / "vae")
     return str(folder)
 
 
 def test_a_prompt_becomes_its_own_tokens_features(wan_folder):
-    text = sf.encode_prompt(wan_folder, "  a red   fox\n runs ", 16, torch.device("cpu"))
+    text = extras.encode_prompt(wan_folder, "  a red   fox\n runs ", 16, torch.device("cpu"))
     assert text.shape == (1, 4, sf.PRESETS["tiny"].text_dim) and text.dtype == torch.float32
-    again = sf.encode_prompt(wan_folder, "a red fox runs", 16, torch.device("cpu"))
+    again = extras.encode_prompt(wan_folder, "a red fox runs", 16, torch.device("cpu"))
     assert torch.equal(text, again)                       # whitespace is squeezed, as WanPipeline does
-    shorter = sf.encode_prompt(wan_folder, "a red fox", 16, torch.device("cpu"))
+    shorter = extras.encode_prompt(wan_folder, "a red fox", 16, torch.device("cpu"))
     assert shorter.shape[1] == 3 and not torch.allclose(shorter, text[:, :3])   # every token sees the whole prompt
 
 
-def test_latents_become_an_mp4_of_4f_minus_3_frames(wan_folder, tmp_path):
-    import imageio.v3 as iio
-    path = str(tmp_path / "clip.mp4")
-    count = sf.decode_to_video(wan_folder, torch.randn(1, 16, 3, 2, 4), path, torch.device("cpu"))
-    frames = iio.imread(path)
-    assert count == 9 and frames.shape == (9, 16, 32, 3)
-
-
-def test_the_command_goes_from_a_prompt_to_a_video(wan_folder, tmp_path):
-    video = tmp_path / "fox.mp4"
+def test_the_command_goes_from_a_prompt_to_latents(wan_folder, tmp_path):
     proc = subprocess.run([sys.executable, "06_self_forcing_pipeline.py", "--prompt", "a red fox runs in the snow",
-                           "--wan-folder", wan_folder, "--video", str(video), "--frames", "6", "--height", "32",
-                           "--width", "32", "--output", str(tmp_path / "latents.pt")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--wan-folder", wan_folder, "--frames", "6", "--height", "32", "--width", "32",
+                           "--output", str(tmp_path / "latents.pt")], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "prompt: 7 umT5 tokens" in proc.stdout and "video: 21 frames decoded by the Wan VAE" in proc.stdout
-    assert video.stat().st_size > 0
+    assert "prompt: 7 umT5 tokens" in proc.stdout
+    assert torch.load(tmp_path / "latents.pt")["latents"].shape == (1, 16, 6, 4, 4)
 
 
 def test_without_the_extras_the_flags_say_what_to_install(monkeypatch):
-    present = object()    # as if every optional package but diffusers were installed
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else present)
-    message = sf.extras_problem("a fox", None, "/anywhere", None)
-    assert message == f"--prompt and --video need the optional packages diffusers: {sf.EXTRAS}"
-    assert sf.extras_problem(None, None, None, None) is None
-    assert sf.extras_problem("a fox", None, None, "text.pt") == "give --prompt or --text-embedding, not both"
+    present = object()    # as if every optional package but transformers were installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else present)
+    message = extras.extras_problem("a fox", "/anywhere", None)
+    assert message == f"--prompt needs the optional packages transformers: {extras.EXTRAS}"
+    assert extras.extras_problem(None, None, None) is None
+    assert extras.extras_problem("a fox", None, "text.pt") == "give --prompt or --text-embedding, not both"

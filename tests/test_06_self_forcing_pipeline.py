@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 from conftest import WORLD_SIZES
 from rank_pool import RankError, get_pool
+from support.weights import load_text
 import self_forcing_reference as reference
 
 sp = importlib.import_module("03_sequence_parallel")
@@ -24,14 +25,14 @@ TIGHT32 = 2e-5    # float32 latents of size ~3: a few ulps of accumulated reorde
 def run_pipeline(mesh_shape, frames, height, width, seed, window_frames, dtype=torch.float64, local=False, batch=1):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", dtype, "cpu", seed)
-    text = sf.load_text(None, model, batch, seed)
+    text = load_text(None, model.config, batch, seed)
     return sf.generate(model, text, sf.VideoSpec(frames, height, width, window_frames=window_frames), mesh, seed)
 
 
 def dense_reference(frames, height, width, seed, window_frames, batch=1):
     """The independent dense Self-Forcing of tests/self_forcing_reference.py, on the pipeline's weights."""
     model = sf.build_model("tiny", torch.float64, "cpu", seed)
-    text = sf.load_text(None, model, batch, seed).double()
+    text = load_text(None, model.config, batch, seed).double()
     return reference.generate(model.state_dict(), dataclasses.asdict(sf.PRESETS["tiny"]), text, frames, height // 8,
                               width // 8,
                               seed, window_frames)
@@ -65,7 +66,8 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
     gen = torch.Generator().manual_seed(seed)
     context = model.text_context(torch.randn(1, 5, model.config.text_dim, generator=gen))
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, height, width, dtype=torch.float64)
-    caches = [sf.causal.KVCache(3 * chunks * height * width) for _ in model.blocks]
+    state = sf.VideoState(model, table, None)
+    state.start(context)
     outs = []
     for c in range(chunks):
         layout = sf.fused.ShardLayout(mesh, table, 3 * c, 3)
@@ -73,8 +75,8 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
         timestep = torch.rand(1, 3, generator=gen, dtype=torch.float64) * 1000
         assert torch.equal(layout.frame_index, torch.arange(*layout.shard) // (height * width))
         with torch.no_grad():
-            outs.append(model(tokens, timestep, layout, caches, context))
-        sf.commit_chunk(caches, layout)
+            outs.append(model(tokens, timestep, layout, state))
+        state.commit(layout)
     return outs
 
 
@@ -178,7 +180,7 @@ def disagreeing_run(what):
     seed = 5 if what == "weights" and rank == 2 else 0
     mesh_shape = (4, 1) if what == "heads" else (2, 2)
     model = sf.build_model("tiny", torch.float32, "cpu", seed)
-    text = sf.load_text(None, model, 1, 0)
+    text = load_text(None, model.config, 1, 0)
     width = 40 if what == "width" and rank == 3 else 32
     sf.generate(model, text, sf.VideoSpec(frames, 32, width), sp.SPMesh.get(*mesh_shape))
 
@@ -186,7 +188,7 @@ def disagreeing_run(what):
 @pytest.mark.parametrize("what, message", [
     ("frames", r"ranks disagree on frames: \[6, 9, 6, 6\]"),
     ("weights", r"ranks disagree on weights"),
-    ("width", r"rank 3: height 32 and width 40 must be multiples of 16"),
+    ("width", r"rank 3: width=40 must be a multiple of 16"),
 ])
 def test_bad_or_disagreeing_configuration_raises_on_every_rank(what, message):
     with pytest.raises(RankError) as info:
@@ -199,13 +201,13 @@ def test_bad_or_disagreeing_configuration_raises_on_every_rank(what, message):
 
 def test_frames_past_the_rope_table_and_bad_windows_are_rejected():
     model = sf.build_model("tiny", torch.float32, "cpu", 0)
-    text = sf.load_text(None, model, 1, 0)
+    text = load_text(None, model.config, 1, 0)
     mesh = sp.SPMesh(1, 1, local=True)
     with pytest.raises(ValueError, match="exceed the RoPE table's 1024 time positions"):
         sf.generate(model, text, sf.VideoSpec(1026, 16, 16), mesh)
     with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
         sf.generate(model, text, sf.VideoSpec(6, 16, 16, window_frames=2), mesh)
-    with pytest.raises(ValueError, match="not a whole number of chunks"):
+    with pytest.raises(ValueError, match=r"frames=7 must be a multiple of chunk_frames=3 \(whole chunks\)"):
         sf.generate(model, text, sf.VideoSpec(7, 16, 16), mesh)
     with pytest.raises(ValueError, match=r"text embedding is \(1, 16, 31\)"):
         sf.generate(model, text[..., :31], sf.VideoSpec(6, 16, 16), mesh)
@@ -216,18 +218,17 @@ def graph_keys(mesh_shape, chunks, window, local=False):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, 2, 3, dtype=torch.float64)
-    forward = sf.GraphedForward(model, sf.new_caches(model, table, window), "fused", "none", 60)
-    forward.start_video(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
+    forward = sf.GraphedForward(model, sf.VideoState(model, table, window), "fused", "none", 60)
+    forward.state.start(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
     keys = []
     with torch.no_grad():
         for c in range(chunks):
             layout = sf.fused.ShardLayout(mesh, table, 3 * c, 3)
-            for cache in forward.caches:
-                cache.make_room(layout.chunk)
-            keys.append(forward.key(layout))
+            forward.state.make_room(layout)
+            keys.append(forward.state.visible(layout))
             x = torch.zeros(1, layout.n_local, 64, dtype=torch.float64)
             sf.EagerForward.__call__(forward, x, torch.zeros(1, 3, dtype=torch.float64), layout)
-            sf.commit_chunk(forward.caches, layout)
+            forward.state.commit(layout)
     return keys
 
 
@@ -247,7 +248,7 @@ def test_graph_key_is_the_visible_cache_so_a_window_reuses_one_graph(world_size,
 
 def test_a_deadline_ends_the_process_with_one_clear_line():
     code = ("import importlib, time\nsf = importlib.import_module('06_self_forcing_pipeline')\n"
-            "with sf.Deadline(1, 'the test wait'):\n    time.sleep(60)\n")
+            "with sf.capture_deadline(1, 'the test wait'):\n    time.sleep(60)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 3, proc.stderr
@@ -260,7 +261,7 @@ def test_every_parameter_tensor_moves_the_latents():
     comparisons above cannot see if every side shares it: perturbing any one parameter tensor of the model
     must move the pipeline's latents."""
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
-    text = sf.load_text(None, model, 1, 0)
+    text = load_text(None, model.config, 1, 0)
     mesh = sp.SPMesh(1, 1, local=True)
     run = lambda: sf.generate(model, text, sf.VideoSpec(6, 32, 32, window_frames=6), mesh)
     base = run()
