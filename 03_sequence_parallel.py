@@ -133,12 +133,22 @@ class SPMesh:
         self.ring_group = self._groups([[j * ulysses_degree + i for j in range(ring_degree)]
                                         for i in range(ulysses_degree)], self.ulysses_rank)
         self.symmetric = None       # a SymmetricExchange once use_symmetric_memory() chose it
+        self.side = None            # a second group of all the ranks, once side_group() made it
 
     def use_symmetric_memory(self):
         """Make the Ulysses all-to-alls peer copies into symmetric memory instead of NCCL calls (GPU only;
         collective: every rank of the job calls it). Ring steps stay NCCL sends and receives."""
         if self.ulysses_degree > 1 and self.symmetric is None:
             self.symmetric = SymmetricExchange(self)
+
+    def side_group(self):
+        """A second process group of all the mesh's ranks, made at the first call (collective: every rank
+        makes that call). For collectives that run beside the mesh's own on another CUDA stream (stage 07's
+        decoder): two streams must not share one NCCL communicator, or their calls can interleave
+        differently on different ranks and hang."""
+        if self.side is None and self.world_size > 1:
+            self.side = dist.new_group(list(range(self.world_size)))
+        return self.side
 
     def _groups(self, all_ranks, mine):
         """Every rank creates every group (new_group is collective); returns this rank's group."""
@@ -417,17 +427,22 @@ def attend_heads(q_tm, kv, mesh, chunk, cache=None):
 
 def gather_tokens(x_local, mesh, length, dim=1):
     """All ranks' shards of a `length`-token tensor, concatenated along `dim` in token order (every rank
-    gets the whole). Uneven shards are padded for the all_gather and trimmed after."""
+    gets the whole)."""
     if mesh.world_size == 1:
         return x_local
-    bounds = shard_bounds(length, mesh.world_size)
-    longest = bounds[0][1] - bounds[0][0]
+    return gather_shards(x_local, [b - a for a, b in shard_bounds(length, mesh.world_size)], dim)
+
+
+def gather_shards(x_local, sizes, dim=1, group=None):
+    """Every rank's part of a tensor split along `dim` into parts of `sizes` (rank order), concatenated on
+    every rank. Uneven parts are padded for one all_gather and trimmed after. `group`: a process group of
+    all the job's ranks in order (default the job's own)."""
     x = x_local.movedim(dim, 0)
-    padded = x.new_zeros(longest, *x.shape[1:])
+    padded = x.new_zeros(max(sizes), *x.shape[1:])
     padded[:x.shape[0]] = x
-    every = [torch.empty_like(padded) for _ in range(mesh.world_size)]
-    dist.all_gather(every, padded)
-    return torch.cat([every[r][:b - a] for r, (a, b) in enumerate(bounds)]).movedim(0, dim)
+    every = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(every, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(every, sizes)]).movedim(0, dim)
 
 
 def factorizations(world_size, heads):
@@ -491,7 +506,7 @@ def finish_distributed():
     if dist.is_initialized():
         dist.barrier()
         for mesh in SPMesh._made.values():
-            for group in {mesh.ulysses_group, mesh.ring_group} - {None, dist.group.WORLD}:
+            for group in {mesh.ulysses_group, mesh.ring_group, mesh.side} - {None, dist.group.WORLD}:
                 dist.destroy_process_group(group)
         SPMesh._made.clear()
         dist.barrier()

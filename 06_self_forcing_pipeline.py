@@ -641,10 +641,10 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
     """The model of a preset (a PRESETS name) in `dtype` on `device`: random weights from `seed` (the same on
     every rank), or a checkpoint's, in any form support/weights.py reads, loaded strictly."""
     torch.manual_seed(seed)
-    model = CausalWanModel(PRESETS[preset])
+    model = CausalWanModel(PRESETS[preset]).to(dtype)          # load in the dtype asked for, not through float32
     if checkpoint:
         weights.load_dit(model, checkpoint, use_ema)
-    return model.to(device, dtype).eval()
+    return model.to(device).eval()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from support import extras, files
-from support.harness import BadInput, Parser, non_negative, positive
+from support.harness import BadInput, Parser, check, non_negative, positive
 from support.timing import Clock, Timings, host_and_kernel_ms, relative_rms, time_ms
 from support.weights import load_text
 
@@ -55,7 +55,7 @@ def build_parser(sf, dec=None):
     parser.add_argument("--graph-timeout", type=float, default=300,
                         help="seconds a CUDA graph capture and its first replay may take before every rank stops")
     if dec is not None:
-        dec.add_flags(parser)
+        add_decoder_flags(parser, dec)
     return parser
 
 
@@ -114,7 +114,8 @@ def main(sf, dec=None):
     if args.exchange == "symm":
         mesh.use_symmetric_memory()
     options = sf.RunOptions(args.mode, device.type == "cuda" and not args.no_graph, args.graph_timeout)
-    job = bench_main if args.bench else verify_main if args.verify else video_main
+    bench = bench_main if dec is None else frames_bench
+    job = bench if args.bench else verify_main if args.verify else video_main
     job(Job(sf, dec, args, video_spec(sf, args), device, mesh, dtype, options))
     sf.finish(args.graph_timeout)
 
@@ -154,7 +155,7 @@ def read_inputs(job):
         model = sf.build_model(a.preset, job.dtype, job.device, a.seed, a.checkpoint, a.use_ema)
         text = load_text(a.text_embedding, model.config, 1, a.seed)
         if job.dec is not None:
-            decoder = job.dec.decoder_from_flags(a, job.device)
+            decoder = job.dec.build_decoder(decoder_preset(a), decoder_dtype(job), job.device, a.seed, a.vae)
     except BadInput as e:
         problem = problem or str(e)
     agree(job, problem)
@@ -201,7 +202,7 @@ def video_main(job):
         if job.show:
             print(f"prompt: {text.shape[1]} umT5 tokens in {clock.mark():.1f} s (not in the figures below)")
     if job.dec is not None:
-        return job.dec.frames_main(job, model, text, decoder)
+        return frames_main(job, model, text, decoder)
     run = lambda: sf.stream(model, text, video, mesh, a.seed, job.options)
     warmup_s = warm_up(job, lambda: list(run()))
     chunks, marks = time_stream(run(), job.device)
@@ -414,3 +415,141 @@ def verify_main(job):
         print(f"  {name:<42s} {err:9.2e}   {bound_text}{'  FAILED' if name in failed else ''}")
     if failed:
         raise SystemExit(f"06 --verify failed: {failed}")
+
+
+# ----------------------------------------------------------------------------- stage 07: frames
+
+def add_decoder_flags(parser, dec):
+    parser.add_argument("--decoder", choices=sorted(dec.DECODER_PRESETS), default=None,
+                        help="the VAE decoder's shape (default: tiny for --preset tiny, else wan2.1)")
+    parser.add_argument("--vae", help="Wan2.1_VAE.pth, or a diffusers release (or its vae/ folder): the decoder's "
+                                      "weights (random when absent)")
+    parser.add_argument("--decoder-dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                        help="default bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--video", help="also write the frames as they come to this mp4 (optional packages)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="GPU: decode each chunk on the DiT's stream instead of a stream of its own")
+
+
+def decoder_preset(args):
+    return args.decoder or ("tiny" if args.preset == "tiny" else "wan2.1")
+
+
+def decoder_dtype(job):
+    return getattr(torch, job.args.decoder_dtype or ("bfloat16" if job.device.type == "cuda" else "float32"))
+
+
+def time_frames(job, model, text, vae, overlap, consume=None):
+    """One video, chunk by chunk into frames: (the frames, host seconds from the call to each chunk's frames
+    on the host, seconds to the end). The host holds the frames at each mark, so a mark is a true latency
+    whichever CUDA stream decoded them."""
+    bands = job.dec.RowBands.for_job(job.video.latent_height, job.mesh)
+    clock, frames, marks = Clock(job.device), [], []
+    chunks = job.sf.stream(model, text, job.video, job.mesh, job.args.seed, job.options)
+    for pixels in job.dec.decode_stream(job.dec.FrameDecoder(vae, bands), chunks, overlap):
+        marks.append(clock.host_seconds())
+        if consume:
+            consume(pixels)
+        frames.append(pixels)
+    return frames, marks, clock.host_seconds()
+
+
+def to_uint8(pixels):
+    """Pixels [3, T, H, W] in [-1, 1] -> what a viewer sees: [T, H, W, 3] bytes."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+
+
+def frames_main(job, model, text, vae):
+    """Stage 07's main job: the video's frames as they are made (after an untimed warm-up video on GPU), the
+    first decoded frame's latency and the whole video's time, with the mp4 written as frames arrive."""
+    a, mesh, video = job.args, job.mesh, job.video
+    overlap = job.device.type == "cuda" and not a.no_overlap
+    warmup_s = warm_up(job, lambda: time_frames(job, model, text, vae, overlap))
+    writer = extras.VideoWriter(a.video) if a.video and mesh.rank == 0 else None
+    frames, marks, total = time_frames(job, model, text, vae, overlap, writer and (lambda p: writer.write(p[0])))
+    if writer:
+        writer.close()
+    total = max(total, marks[-1])
+    pixels = torch.cat(frames, dim=2)                                          # [B, 3, T, H, W]
+    problem = None
+    if mesh.rank == 0:
+        try:
+            files.save({"frames": to_uint8(pixels[0]), "fps": 16, "seed": a.seed, "preset": a.preset}, a.output)
+        except BadInput as e:
+            problem = str(e)
+    agree(job, problem)
+    if job.show:
+        print(f"{stage_name(job.dec)}: {job.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
+              f"{', overlapped on its own CUDA stream' if overlap else ''})")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call ({frames[0].shape[2]} frames); "
+              f"all {pixels.shape[2]} frames in {total:.3f} s -> {pixels.shape[2] / total:.1f} FPS, decoded "
+              f"frames [{pixels.shape[2]}, {pixels.shape[3]}, {pixels.shape[4]}, 3] saved to {a.output}"
+              f"{f', mp4 {a.video}' if writer else ''}")
+    if a.preset == "tiny":    # cheap here: decoding the whole video in one call gives the same frames
+        latents = job.sf.generate(model, text, video, mesh, a.seed, job.options)
+        bands = job.dec.RowBands.for_job(video.latent_height, mesh)
+        whole = job.dec.FrameDecoder(vae, bands)(latents).cpu()
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}.get(vae.dtype, 5e-2)
+        error = check("streamed vs whole decode", pixels, whole, tolerance)
+        if job.show:
+            print(f"  streamed chunk by chunk vs the whole video decoded at once: max error {error:.1e}")
+    compare_with_one_process(job, lambda one: one_process_frames(job, model, text, vae, one),
+                             frames[0], "frames")
+
+
+def one_process_frames(job, model, text, vae, mesh):
+    latents = job.sf.generate(model, text, first_chunk_video(job.sf, job.video), mesh, job.args.seed, job.options)
+    return job.dec.FrameDecoder(vae, job.dec.RowBands(job.video.latent_height))(latents).cpu()
+
+
+def frames_bench(job):
+    """Stage 07 --bench: the DiT and the decoder, random weights (or --vae): decode per chunk, the first
+    decoded frame from the call and the whole video end to end, with and without the overlap; bf16 pixels
+    against float32's."""
+    a, sf, dec, video, device, mesh = job.args, job.sf, job.dec, job.video, job.device, job.mesh
+    model = sf.build_model(a.preset, job.dtype, device, a.seed)
+    text = load_text(None, model.config, 1, a.seed).to(device)
+    vae = dec.build_decoder(decoder_preset(a), decoder_dtype(job), device, a.seed, a.vae)
+    bands = dec.RowBands.for_job(video.latent_height, mesh)
+    gen = torch.Generator(device).manual_seed(a.seed)
+    latents = torch.randn(1, 16, video.chunk_frames, video.latent_height, video.latent_width, device=device,
+                          generator=gen)
+    timings = Timings(device, job.show, a.warmup, a.repeats)
+    if job.show:
+        print(f"07 --bench: {job.describe()}, decoder {decoder_preset(a)} ({vae.dtype}, "
+              f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), bands of rows "
+              f"{[b - f for f, b in bands.bounds]}")
+    decoder = dec.FrameDecoder(vae, bands)
+    first = time_ms(lambda: dec.FrameDecoder(vae, bands)(latents), device, a.warmup, min(a.repeats, 5))
+    timings.add("decode the first chunk", first, f"{4 * video.chunk_frames - 3} frames, fresh time caches")
+    decoder(latents)
+    timings.time("decode a later chunk", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
+    clock = Clock(device)
+    for _ in range(a.warmup_videos):
+        for overlap in (False, True):
+            time_frames(job, model, text, vae, overlap)
+    if job.show:
+        print(f"  warm-up ({a.warmup_videos} video(s) each way: compile, capture) {clock.mark():.1f} s, "
+              "not timed below")
+    for overlap in (False, True) if device.type == "cuda" else (False,):
+        runs = [time_frames(job, model, text, vae, overlap) for _ in range(a.video_repeats)]
+        first_s = statistics.median(marks[0] for _, marks, _ in runs)
+        total_s = statistics.median(total for _, _, total in runs)
+        how = "decode overlapped" if overlap else "decode after each chunk"
+        timings.add(f"first decoded frame, {how}", first_s * 1e3, "from the call (text features given)")
+        timings.add(f"whole video end to end, {how}", total_s * 1e3,
+                    f"{video.video_frames / total_s:.1f} FPS in decoded frames (median of {a.video_repeats})")
+    if job.show and device.type == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if vae.dtype != torch.float32:   # the decoder's dtype against float32, on the same two chunks
+        f32 = dec.build_decoder(decoder_preset(a), torch.float32, device, a.seed, a.vae)
+        two = torch.randn(1, 16, 2 * video.chunk_frames, video.latent_height, video.latent_width, device=device,
+                          generator=gen)
+        ours, want = (torch.cat([dec.FrameDecoder(m, bands)(two[:, :, c:c + video.chunk_frames]).float()
+                                 for c in (0, video.chunk_frames)], dim=2) for m in (vae, f32))
+        if job.show:
+            print(f"  pixels, {vae.dtype} vs float32 (2 chunks, values in [-1, 1]): max abs error "
+                  f"{(ours - want).abs().max().item():.3e}, relative RMS {relative_rms(ours, want):.2e}, "
+                  f"8-bit values that differ {(to_uint8(ours[0]) != to_uint8(want[0])).float().mean().item():.2%}")

@@ -33,6 +33,7 @@ class Clock:
             self.start.record()
         else:
             self.start = time.perf_counter()
+        self.host_start = time.perf_counter()
 
     def record(self, stream=None):
         """Mark now (on `stream`, default the current one) without waiting; returns the mark's index."""
@@ -56,6 +57,11 @@ class Clock:
         """Record a mark, wait for it, and return its seconds from the start."""
         self.record()
         return self.seconds()[-1]
+
+    def host_seconds(self):
+        """Seconds from the start on the host's clock: the true time of work the host has already waited
+        for (frames copied to the host, say), whichever stream made it."""
+        return time.perf_counter() - self.host_start
 
 
 class Timings:

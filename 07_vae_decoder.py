@@ -1,0 +1,383 @@
+"""Stage 07 -- frames as they are made: Wan2.1's causal VAE decoder, streamed chunk by chunk and sharded
+over the ranks in bands of rows.
+
+The idea
+    A frame is what a viewer sees: decoded pixels, not latents. Wan2.1's VAE decoder turns 16-channel
+    latents into RGB, 8x larger in space and 4x longer in time, except that the first latent frame gives
+    one frame: F latent frames -> 4(F - 1) + 1 frames. It is causal in time: every 3-D convolution pads
+    only on the past side, so frame t of the output depends on latent frames <= t. That is what lets it
+    run as the pipeline runs: each chunk of latents that stage 06's stream hands out is decoded at once,
+    with each convolution keeping the last frames it saw (its time cache) for the next chunk, and the
+    frames equal those of decoding the whole video in one call.
+
+    The decoder, in Wan2.1's names (Wan2.1_VAE.pth loads strictly; a diffusers release's vae/ is renamed):
+        latents * std + mean (per channel)  ->  conv2: 1x1x1 causal conv
+        decoder.conv1: 3x3x3 causal conv (16 -> 384)
+        decoder.middle: residual block, attention over each frame's positions, residual block
+        decoder.upsamples: 4 levels of residual blocks (384, 384, 192, 96 channels); levels 0 and 1 end
+            with 'upsample3d' (a causal time conv doubles the channels, which become two frames, then 2x
+            nearest-exact in space and a 3x3 conv that halves the channels), level 2 with 'upsample2d'
+        decoder.head: RMS norm, SiLU, 3x3x3 causal conv (96 -> 3); pixels clamped to [-1, 1]
+    Residual blocks are RMS norm (over channels, learned gamma), SiLU, 3x3x3 causal conv, twice, plus a
+    1x1x1 shortcut where the width changes. The first 'upsample3d' call skips its time conv for the very
+    first latent frame (that is the frame that stays one frame); the time conv's stream starts after it.
+
+    Sharded: each rank decodes a contiguous band of rows of every frame (uneven bands are fine, the first
+    ranks taking the extra row, as token shards do). Why a halo and not an all-to-all: every layer is
+    local in space except the middle attention. A 3x3 convolution needs only the one row on either side
+    of its band, so before each of them a rank swaps its edge rows with its two neighbours (RowBands.halo:
+    2 sends and 2 receives of one row, point to point), and nothing else moves. An all-to-all (Ulysses)
+    would move the whole activation twice per layer to split it by channel instead. The middle attention
+    is the one layer that sees the whole frame: it all-gathers the keys and values of the latent-size
+    frame and keeps its own queries. Norms are per position, so a band needs no reduction. The time caches
+    are per band: each rank keeps the last frames of its own rows (halo included).
+
+    Cost of the halo per convolution and rank: 2 messages out and 2 in, each one row: channels x frames x
+    width x bytes; at 480x832, bf16, a 3-latent-frame chunk, the largest is 96 ch x 12 frames x 832 x 2 B
+    = 1.9 MB (the top level) and the smallest 384 x 3 x 104 x 2 B = 0.24 MB (latent size). A chunk runs
+    32 such convolutions (conv1, the middle's 4, 24 in the up levels, 3 resample convs, the head's 1).
+
+Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
+    latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
+    pixels:  [B, 3, 12, 8h, 832]  (9 frames for the first chunk)  -> gathered [B, 3, 12, 480, 832]
+
+Uses
+    03_sequence_parallel: shard_bounds, gather_shards
+    06_self_forcing_pipeline: VAE_STRIDE
+
+Run
+    python 07_vae_decoder.py                      the tiny pipeline, decoded as it streams: frames, the
+                                                  first frame's latency, streamed == whole decode
+    torchrun --nproc_per_node=8 07_vae_decoder.py the same on 8 ranks (bands of one latent row), against
+                                                  one process
+    python 07_vae_decoder.py --preset wan-1.3b --decoder wan2.1 --bench
+        on one GPU: the DiT and the decoder, chunk by chunk: decode per chunk, the first decoded frame
+        from the call, the whole video end to end, with and without the decode overlapped
+    --vae Wan2.1_VAE.pth (or a diffusers release's vae/ folder) loads real weights; --video out.mp4 writes
+    the frames as they come (optional package imageio with imageio-ffmpeg).
+"""
+import importlib
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from support import pipeline_cli, weights
+from support.harness import BadInput, run_main
+
+sp = importlib.import_module("03_sequence_parallel")
+sf = importlib.import_module("06_self_forcing_pipeline")
+
+# Wan2.1's latent statistics (wan/modules/vae.py WanVAE; diffusers' latents_mean / latents_std)
+WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder's shape, in Wan2.1's terms: base width `dim`, `dim_mult` per level (read backwards going
+    up), `num_res_blocks` + 1 residual blocks per level, which of the 3 upsamplers also double time."""
+    z_dim: int = 16
+    dim: int = 96
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_upsample: tuple = (True, True, False)
+    latents_mean: tuple = WAN21_MEAN
+    latents_std: tuple = WAN21_STD
+
+    @property
+    def levels(self):
+        return len(self.dim_mult)
+
+
+DECODER_PRESETS = {
+    "tiny": DecoderConfig(dim=8, dim_mult=(1, 1, 1, 1), num_res_blocks=1),    # tests and CPU runs
+    "wan2.1": DecoderConfig(),                                                # Wan2.1's VAE (73 M)
+}
+
+
+# ----------------------------------------------------------------------------- bands of rows
+
+class RowBands:
+    """How every frame's rows are split over the decoder's ranks, and the two exchanges a band needs. The
+    bands are those of `rows` latent rows (shard_bounds); a layer `scale` times larger has bands `scale`
+    times taller. One rank (world_size 1) is the plain decoder: its halo is zeros, its gather a no-op."""
+
+    def __init__(self, rows, world_size=1, rank=0, group=None):
+        if rows < world_size:
+            raise BadInput(f"the decoder splits frames into bands of rows: {rows} latent rows cannot feed "
+                           f"{world_size} ranks (a height of at least {8 * world_size} pixels can)")
+        self.rows, self.world_size, self.rank, self.group = rows, world_size, rank, group
+        self.bounds = sp.shard_bounds(rows, world_size)
+
+    @classmethod
+    def for_job(cls, rows, mesh):
+        """Bands over every rank of the job, exchanging in a process group of their own, so that the
+        decoder's messages never queue behind (or between) the DiT's in the same communicator."""
+        if mesh.world_size == 1:
+            return cls(rows)
+        cls(rows, mesh.world_size)          # every rank raises the same BadInput here, before the group
+        return cls(rows, mesh.world_size, mesh.rank, mesh.side_group())
+
+    def band(self, scale=1):
+        first, end = self.bounds[self.rank]
+        return first * scale, end * scale
+
+    def halo(self, x, rows=1):
+        """x [B, C, T, h, W] (this rank's band) with `rows` rows of the neighbours' bands above and below it
+        (zeros at the frame's edges): [B, C, T, h + 2 rows, W]."""
+        top = bottom = None
+        if self.world_size > 1:
+            ops, up, down = [], self.rank - 1, self.rank + 1
+            if up >= 0:
+                top = torch.empty_like(x[:, :, :, :rows])
+                ops += [dist.P2POp(dist.isend, x[:, :, :, :rows].contiguous(), up, self.group),
+                        dist.P2POp(dist.irecv, top, up, self.group)]
+            if down < self.world_size:
+                bottom = torch.empty_like(x[:, :, :, -rows:])
+                ops += [dist.P2POp(dist.isend, x[:, :, :, -rows:].contiguous(), down, self.group),
+                        dist.P2POp(dist.irecv, bottom, down, self.group)]
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        zeros = lambda: x.new_zeros(*x.shape[:3], rows, x.shape[4])
+        return torch.cat([zeros() if top is None else top, x, zeros() if bottom is None else bottom], dim=3)
+
+    def gather(self, x, scale=1):
+        """Every rank's band of x [B, C, T, h, W] (at `scale`): the whole frame's rows, on every rank."""
+        if self.world_size == 1:
+            return x
+        return sp.gather_shards(x, [(b - a) * scale for a, b in self.bounds], dim=3, group=self.group)
+
+
+# ----------------------------------------------------------------------------- the decoder's layers
+
+def rms_norm(x, gamma, eps=1e-12):
+    """Wan's RMS norm over the channels (dim 1) of each position, in float32 or wider, cast back:
+    F.normalize(x) * sqrt(C) * gamma."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = xf * torch.rsqrt(xf.pow(2).sum(1, keepdim=True).clamp_min(eps * eps)) * x.shape[1] ** 0.5
+    return out.type_as(x) * gamma
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, images=False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+
+    def forward(self, x):
+        return rms_norm(x, self.gamma.view(-1, 1, 1, 1) if x.dim() == 5 else self.gamma)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3-D convolution of kernel (kt, kh, kw), causal in time. Its input is padded with kt - 1 past frames
+    (the last input frames of the previous call: the time cache in `cache`; zeros before the first), kh // 2
+    rows of the neighbouring bands (zeros at the frame's edge) and kw // 2 zero columns."""
+
+    def __init__(self, in_dim, out_dim, kernel):
+        super().__init__(in_dim, out_dim, kernel)
+
+    def forward(self, x, cache, bands):
+        kt, kh, kw = self.kernel_size
+        if kh > 1:
+            x = bands.halo(x, kh // 2)
+        if kw > 1:
+            x = F.pad(x, (kw // 2, kw // 2))
+        if kt > 1:
+            past = cache.get(self)
+            if past is None:
+                past = x.new_zeros(*x.shape[:2], kt - 1, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            cache[self] = x[:, :, -(kt - 1):].clone()     # the next call's past frames (halo included)
+        return super().forward(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        # Wan2.1's layout, so the names match: residual.{0: norm, 2: conv, 3: norm, 6: conv}
+        self.residual = nn.Sequential(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3),
+                                      RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def forward(self, x, cache, bands):
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        shortcut = x if self.shortcut is None else self.shortcut(x, cache, bands)
+        h = conv1(F.silu(norm1(x)), cache, bands)
+        return conv2(F.silu(norm2(h)), cache, bands) + shortcut
+
+
+class AttentionBlock(nn.Module):
+    """One head over every position of each frame (the decoder's middle, at latent size). Sharded: the
+    keys and values of the whole frame are gathered; each rank keeps the queries of its band."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, cache, bands):
+        B, C, T, h, W = x.shape
+        qkv = F.conv3d(self.norm(x), self.to_qkv.weight[:, :, None], self.to_qkv.bias)    # [B, 3C, T, h, W]
+        q, kv = qkv[:, :C], bands.gather(qkv[:, C:])                                      # kv [B, 2C, T, H, W]
+        per_frame = lambda t: t.permute(0, 2, 3, 4, 1).reshape(B * T, 1, -1, t.shape[1])  # [B*T, 1, pos, c]
+        k, v = per_frame(kv).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(per_frame(q), k, v)                         # [B*T, 1, h*W, C]
+        out = out.view(B, T, h, W, C).permute(0, 4, 1, 2, 3)
+        return x + F.conv3d(out, self.proj.weight[:, :, None], self.proj.bias)
+
+
+class Resample(nn.Module):
+    """Up one level: 'upsample3d' first doubles time (a causal time conv makes 2C channels: frames 2t and
+    2t + 1), then, like 'upsample2d', doubles rows and columns (nearest) and runs a 3x3 conv C -> C/2."""
+
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.mode = mode
+        self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3))   # names: resample.1
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+
+    def forward(self, x, cache, bands):
+        if self.mode == "upsample3d":
+            first = self not in cache           # the video's first latent frame stays one frame
+            cache[self] = True
+            head, x = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
+            if x.shape[2]:
+                B, C, T, h, W = x.shape
+                x = self.time_conv(x, cache, bands).view(B, 2, C, T, h, W)               # frames 2t, 2t+1
+                x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, h, W)
+            x = torch.cat([head, x], dim=2)
+        x = bands.halo(x, 1)                                                             # one row each side
+        B, C, T, h, W = x.shape
+        x = x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
+        x = F.pad(x[:, :, :, 1:-1], (1, 1))                    # 2x nearest: keep one halo row, pad columns
+        conv = self.resample[1]
+        return F.conv3d(x, conv.weight[:, :, None], conv.bias)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        dims = [c.dim * u for u in (c.dim_mult[-1], *reversed(c.dim_mult))]
+        self.conv1 = CausalConv3d(c.z_dim, dims[0], 3)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        upsamples = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            in_dim = in_dim // 2 if i > 0 else in_dim          # the upsampler before halved the channels
+            for _ in range(c.num_res_blocks + 1):
+                upsamples.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < c.levels - 1:
+                upsamples.append(Resample(out_dim, "upsample3d" if c.temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*upsamples)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+
+    def forward(self, x, cache, bands):
+        x = self.conv1(x, cache, bands)
+        for layer in (*self.middle, *self.upsamples):
+            x = layer(x, cache, bands)
+        norm, _, conv = self.head
+        return conv(F.silu(norm(x)), cache, bands)
+
+
+class WanVAEDecoder(nn.Module):
+    """latents [B, 16, T, h, W] (normalised, as the DiT makes them; this rank's band of rows) -> pixels
+    [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3 for the video's first chunk). `cache` holds every causal
+    convolution's time cache: one dict per video, kept from chunk to chunk."""
+
+    def __init__(self, config=DecoderConfig()):
+        super().__init__()
+        self.config = config
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)        # the post-quant conv
+        self.decoder = Decoder3d(config)
+        self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once from the config
+
+    @property
+    def dtype(self):
+        return self.conv2.weight.dtype
+
+    def forward(self, latents, cache, bands):
+        key = (self.dtype, latents.device)
+        if key not in self.statistics:
+            self.statistics[key] = [torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
+                                    for values in (self.config.latents_mean, self.config.latents_std)]
+        mean, std = self.statistics[key]
+        z = latents.to(self.dtype) * std + mean
+        return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- decoding a stream
+
+class FrameDecoder:
+    """One video being decoded on this rank: the decoder, the bands, and the time caches, kept from one
+    chunk to the next. decoder(latents) takes a chunk's whole latents [B, 16, T, H/8, W/8] (what stage 06's
+    stream hands every rank), decodes this rank's band and returns the whole frames [B, 3, T', H, W]."""
+
+    def __init__(self, vae, bands):
+        self.vae, self.bands, self.cache = vae, bands, {}
+
+    @torch.no_grad()
+    def __call__(self, latents):
+        first, end = self.bands.band()
+        pixels = self.vae(latents[:, :, :, first:end].to(next(self.vae.parameters()).device), self.cache,
+                          self.bands)
+        return self.bands.gather(pixels, sf.VAE_STRIDE)
+
+
+def decode_stream(decoder, chunks, overlap=False):
+    """Yield the frames of each chunk of latents in `chunks` (stage 06's stream) as they are decoded: on the
+    host, [B, 3, T', H, W] in the decoder's dtype. overlap (GPU): chunk k is decoded on a CUDA stream of
+    its own (high priority) while the DiT makes chunk k + 1 on the default stream; the host waits only for
+    chunk k's frames, not for the DiT."""
+    device = next(decoder.vae.parameters()).device
+    if device.type != "cuda":
+        for latents in chunks:
+            yield decoder(latents)
+        return
+    side = torch.cuda.Stream(device, priority=-1) if overlap else torch.cuda.current_stream(device)
+    pending = None
+    for latents in chunks:
+        side.wait_stream(torch.cuda.current_stream(device))                     # the chunk is ready
+        with torch.cuda.stream(side):
+            latents.record_stream(side)
+            pixels = decoder(latents)
+            host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        if pending is not None:
+            yield wait(pending)
+        pending = (host, done)
+        if not overlap:
+            yield wait(pending)
+            pending = None
+    if pending is not None:
+        yield wait(pending)
+
+
+def wait(pending):
+    host, done = pending
+    done.synchronize()
+    return host
+
+
+def build_decoder(preset, dtype, device, seed, path=None):
+    """The decoder of a DECODER_PRESETS name: random weights from `seed` (the same on every rank), or a Wan
+    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly."""
+    torch.manual_seed(seed)
+    vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
+    if path:
+        weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
+    return vae.to(device).eval()
+
+
+if __name__ == "__main__":
+    run_main(lambda: pipeline_cli.main(sf, sys.modules[__name__]))

@@ -1,0 +1,191 @@
+"""Stage 07 properties: the causal decoder streamed chunk by chunk equals decoding the whole video; N ranks
+decoding bands of rows equal one process; the decoder equals diffusers' AutoencoderKLWan; Wan2.1's and
+diffusers' files load strictly."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import WORLD_SIZES
+from rank_pool import RankError, get_pool
+from support.harness import BadInput
+
+sp = importlib.import_module("03_sequence_parallel")
+dec = importlib.import_module("07_vae_decoder")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXACT64 = 1e-12   # float64, the same convolutions over other batch shapes and row bands
+
+
+def tiny_decoder(seed=0, dtype=torch.float64):
+    vae = dec.build_decoder("tiny", dtype, "cpu", seed)
+    for p in vae.parameters():     # gammas start at ones, biases at zero: make every weight matter
+        torch.nn.init.normal_(p, std=0.3)
+    return vae
+
+
+def latents(frames, rows, columns, seed, batch=1):
+    return torch.randn(batch, 16, frames, rows, columns, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def decode_in_chunks(vae, z, sizes, bands=None, forget=False):
+    """Decode z chunk by chunk (`sizes` latent frames each), keeping the time caches unless `forget`."""
+    bands = bands or dec.RowBands(z.shape[3])
+    decoder, out, first = dec.FrameDecoder(vae, bands), [], 0
+    for size in sizes:
+        if forget:
+            decoder = dec.FrameDecoder(vae, bands)
+        out.append(decoder(z[:, :, first:first + size]))
+        first += size
+    return torch.cat(out, dim=2)
+
+
+def chunk_sizes(draw, frames):
+    cuts = sorted(draw(st.sets(st.integers(1, frames - 1), max_size=frames - 1))) if frames > 1 else []
+    return [b - a for a, b in zip([0, *cuts], [*cuts, frames])]
+
+
+@given(data=st.data(), frames=st.integers(1, 7), rows=st.integers(1, 4), columns=st.integers(1, 5),
+       seed=st.integers(0, 2**31), batch=st.integers(1, 2))
+def test_streamed_chunk_by_chunk_equals_the_whole_video(data, frames, rows, columns, seed, batch):
+    vae, z = tiny_decoder(seed % 7), latents(frames, rows, columns, seed, batch)
+    whole = decode_in_chunks(vae, z, [frames])
+    assert whole.shape == (batch, 3, 4 * frames - 3, 8 * rows, 8 * columns)
+    sizes = chunk_sizes(data.draw, frames)
+    torch.testing.assert_close(decode_in_chunks(vae, z, sizes), whole, rtol=0, atol=EXACT64)
+    torch.testing.assert_close(decode_in_chunks(vae, z, [1] * frames), whole, rtol=0, atol=EXACT64)
+
+
+def test_a_chunk_that_forgets_the_time_cache_is_caught():
+    """The planted bug: each chunk decoded with fresh time caches (and its first frame treated as the
+    video's first). The comparison above must see it."""
+    vae, z = tiny_decoder(), latents(6, 2, 3, 0)
+    whole = decode_in_chunks(vae, z, [6])
+    assert (decode_in_chunks(vae, z, [3, 3], forget=True)[:, :, -12:] - whole[:, :, -12:]).abs().max() > 1e-2
+
+
+def test_first_latent_frame_gives_one_frame_and_every_later_gives_four():
+    vae = tiny_decoder()
+    assert [decode_in_chunks(vae, latents(f, 1, 1, 0), [f]).shape[2] for f in (1, 2, 3, 21)] == [1, 5, 9, 81]
+
+
+def run_sharded(frames, rows, columns, seed, sizes, broken=False):
+    """On every rank: the video decoded chunk by chunk in bands of rows over all the job's ranks."""
+    mesh = sp.SPMesh.get(sp.world()[0], 1)
+    bands = (BrokenHalo if broken else dec.RowBands).for_job(rows, mesh)
+    return decode_in_chunks(tiny_decoder(seed % 5), latents(frames, rows, columns, seed), sizes, bands)
+
+
+class BrokenHalo(dec.RowBands):
+    """A planted off-by-one: the neighbours get the row next to the edge row instead of the edge row."""
+
+    def halo(self, x, rows=1):
+        if x.shape[3] < 2:
+            return super().halo(x, rows)
+        sent = x.clone()
+        sent[:, :, :, 0], sent[:, :, :, -1] = x[:, :, :, 1], x[:, :, :, -2]
+        out = super().halo(sent, rows)
+        out[:, :, :, rows:-rows] = x                   # this rank's own rows stay right
+        return out
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@given(data=st.data(), frames=st.integers(1, 6), extra_rows=st.integers(0, 3), columns=st.integers(1, 4),
+       seed=st.integers(0, 2**31))
+def test_bands_on_n_ranks_equal_one_process(world_size, data, frames, extra_rows, columns, seed):
+    """Uneven bands down to one latent row per rank (eight output rows), several chunks."""
+    rows = world_size + extra_rows
+    sizes = chunk_sizes(data.draw, frames)
+    want = decode_in_chunks(tiny_decoder(seed % 5), latents(frames, rows, columns, seed), [frames])
+    for got in get_pool(world_size).run(run_sharded, frames, rows, columns, seed, sizes):
+        torch.testing.assert_close(got, want, rtol=0, atol=EXACT64)
+
+
+def test_an_off_by_one_halo_is_caught():
+    want = decode_in_chunks(tiny_decoder(3), latents(3, 5, 3, 3), [3])
+    for got in get_pool(2).run(run_sharded, 3, 5, 3, 3, [3], broken=True):
+        assert (got - want).abs().max() > 1e-3
+
+
+def test_fewer_rows_than_ranks_is_one_line_on_every_rank():
+    with pytest.raises(RankError) as info:
+        get_pool(4).run(run_sharded, 1, 3, 2, 0, [1])
+    messages = info.value.messages
+    assert len(set(messages.values())) == 1, messages
+    assert "3 latent rows cannot feed 4 ranks (a height of at least 32 pixels can)" in messages[0]
+
+
+def test_the_names_are_wan21s_and_the_size_is_the_release():
+    names = set(dec.WanVAEDecoder(dec.DECODER_PRESETS["wan2.1"]).state_dict())
+    for name in ["conv2.weight", "decoder.conv1.bias", "decoder.middle.0.residual.0.gamma",
+                 "decoder.middle.1.to_qkv.weight", "decoder.middle.2.residual.6.weight",
+                 "decoder.upsamples.3.time_conv.weight", "decoder.upsamples.3.resample.1.weight",
+                 "decoder.upsamples.4.shortcut.weight", "decoder.upsamples.11.resample.1.bias",
+                 "decoder.upsamples.14.residual.6.weight", "decoder.head.0.gamma", "decoder.head.2.weight"]:
+        assert name in names, name
+    assert "decoder.upsamples.11.time_conv.weight" not in names and "decoder.upsamples.15.residual.0.gamma" not in names
+    count = sum(p.numel() for p in dec.WanVAEDecoder(dec.DECODER_PRESETS["wan2.1"]).parameters())
+    assert count == 73_295_603
+
+
+def test_a_wan21_vae_file_loads_strictly_without_its_encoder(tmp_path):
+    source = tiny_decoder(1)
+    state = {**source.state_dict(), "encoder.conv1.weight": torch.zeros(1), "conv1.bias": torch.zeros(1)}
+    torch.save(state, tmp_path / "Wan2.1_VAE.pth")
+    loaded = dec.build_decoder("tiny", torch.float64, "cpu", 2, str(tmp_path / "Wan2.1_VAE.pth"))
+    for name, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    state.pop("decoder.middle.1.proj.bias")
+    state["decoder.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(BadInput, match=r"missing key decoder\.middle\.1\.proj\.bias; unexpected key decoder\.extra"):
+        dec.build_decoder("tiny", torch.float64, "cpu", 2, str(tmp_path / "bad.pth"))
+
+
+def test_the_decoder_equals_diffusers_autoencoder_kl_wan(tmp_path, monkeypatch):
+    """Against diffusers' own decoder (skipped without diffusers), from its own saved release folder, in
+    float64. diffusers upsamples through float32 (a cast for bfloat16's sake); nearest-neighbour upsampling
+    only copies values, so for this comparison its upsampler runs in the input's dtype."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+    monkeypatch.setattr(autoencoder_kl_wan.WanUpsample, "forward", torch.nn.Upsample.forward)
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1).double().eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    theirs.save_pretrained(tmp_path / "release" / "vae")
+    ours = dec.build_decoder("tiny", torch.float64, "cpu", 1, str(tmp_path / "release"))
+    z = latents(5, 4, 6, 0)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1, 1)
+                 for v in (theirs.config.latents_mean, theirs.config.latents_std))
+    with torch.no_grad():
+        want = theirs.decode(z * std + mean, return_dict=False)[0]
+    torch.testing.assert_close(decode_in_chunks(ours, z, [3, 2]), want, rtol=0, atol=EXACT64)
+
+
+def test_the_command_decodes_the_stream_into_frames(tmp_path):
+    out = tmp_path / "frames.pt"
+    proc = subprocess.run([sys.executable, "07_vae_decoder.py", "--frames", "6", "--height", "32", "--width", "48",
+                           "--dtype", "float64", "--decoder-dtype", "float64", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("  first decoded frame ") and "(9 frames); all 21 frames in" in lines[1], lines
+    assert float(lines[2].split("max error ")[1]) < EXACT64, lines
+    saved = torch.load(out)["frames"]
+    assert saved.shape == (21, 32, 48, 3) and saved.dtype == torch.uint8
+
+
+def test_frames_go_into_an_mp4_as_they_come(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v3 as iio
+    from support.extras import VideoWriter
+    writer = VideoWriter(str(tmp_path / "clip.mp4"))
+    for t in (9, 12):
+        writer.write(torch.rand(3, t, 16, 32) * 2 - 1)
+    writer.close()
+    assert writer.count == 21 and iio.imread(tmp_path / "clip.mp4").shape == (21, 16, 32, 3)
