@@ -113,13 +113,14 @@ def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_deg
 _compiled = {}
 
 
-def on_device(fn, x):
-    """fn compiled with torch.compile when x is on a GPU (one fused kernel instead of ~15), else fn."""
+def on_device(fn, x, dynamic=False):
+    """fn compiled with torch.compile when x is on a GPU (one fused kernel instead of ~15), else fn.
+    dynamic: one compilation for every shape (else one per shape, each specialised)."""
     if x.device.type != "cuda":
         return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
+    if (fn, dynamic) not in _compiled:
+        _compiled[fn, dynamic] = torch.compile(fn, dynamic=dynamic)
+    return _compiled[fn, dynamic]
 
 
 class CausalSelfAttention(nn.Module):

@@ -39,10 +39,11 @@ The idea
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
-    pixels:  [B, 3, 12, 8h, 832]  (9 frames for the first chunk)  -> gathered [B, 3, 12, 480, 832]
+    pixels:  [B, 3, 12, 8h, 832]  -> gathered [B, 3, 12, 480, 832]; the first chunk as 1 frame, then 8
 
 Uses
     03_sequence_parallel: shard_bounds, gather_shards
+    05_fused_comm: on_device
     06_self_forcing_pipeline: VAE_STRIDE
 
 Run
@@ -69,6 +70,7 @@ from support import pipeline_cli, weights
 from support.harness import BadInput, run_main
 
 sp = importlib.import_module("03_sequence_parallel")
+fused = importlib.import_module("05_fused_comm")
 sf = importlib.import_module("06_self_forcing_pipeline")
 
 # Wan2.1's latent statistics (wan/modules/vae.py WanVAE; diffusers' latents_mean / latents_std)
@@ -131,21 +133,30 @@ class RowBands:
     def halo(self, x, rows=1):
         """x [B, C, T, h, W] (this rank's band) with `rows` rows of the neighbours' bands above and below it
         (zeros at the frame's edges): [B, C, T, h + 2 rows, W]."""
-        top = bottom = None
-        if self.world_size > 1:
-            ops, up, down = [], self.rank - 1, self.rank + 1
-            if up >= 0:
-                top = torch.empty_like(x[:, :, :, :rows])
-                ops += [dist.P2POp(dist.isend, x[:, :, :, :rows].contiguous(), up, self.group),
-                        dist.P2POp(dist.irecv, top, up, self.group)]
-            if down < self.world_size:
-                bottom = torch.empty_like(x[:, :, :, -rows:])
-                ops += [dist.P2POp(dist.isend, x[:, :, :, -rows:].contiguous(), down, self.group),
-                        dist.P2POp(dist.irecv, bottom, down, self.group)]
+        out = x.new_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4])
+        out[:, :, :, rows:-rows] = x
+        self.fill_halo(out, x, rows)
+        return out
+
+    def fill_halo(self, out, x, rows):
+        """Write the halo of band x into the first and last `rows` rows of out [B, C, T, h + 2 rows, W]:
+        the neighbours' edge rows (2 sends and 2 receives, point to point), zeros at the frame's edges."""
+        top, bottom = out[:, :, :, :rows], out[:, :, :, -rows:]
+        received, ops = [], []
+        for peer, mine, theirs in ((self.rank - 1, x[:, :, :, :rows], top),
+                                   (self.rank + 1, x[:, :, :, -rows:], bottom)):
+            if 0 <= peer < self.world_size:
+                buffer = torch.empty_like(theirs)
+                ops += [dist.P2POp(dist.isend, mine.contiguous(), peer, self.group),
+                        dist.P2POp(dist.irecv, buffer, peer, self.group)]
+                received.append((theirs, buffer))
+            else:
+                theirs.zero_()
+        if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
-        zeros = lambda: x.new_zeros(*x.shape[:3], rows, x.shape[4])
-        return torch.cat([zeros() if top is None else top, x, zeros() if bottom is None else bottom], dim=3)
+        for theirs, buffer in received:
+            theirs.copy_(buffer)
 
     def gather(self, x, scale=1):
         """Every rank's band of x [B, C, T, h, W] (at `scale`): the whole frame's rows, on every rank."""
@@ -164,36 +175,50 @@ def rms_norm(x, gamma, eps=1e-12):
     return out.type_as(x) * gamma
 
 
+def norm_silu(x, gamma):
+    return F.silu(rms_norm(x, gamma))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, images=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
-    def forward(self, x):
-        return rms_norm(x, self.gamma.view(-1, 1, 1, 1) if x.dim() == 5 else self.gamma)
+    def forward(self, x, silu=False):
+        """The norm (then SiLU, if asked) of x [B, C, T, H, W]; on GPU one compiled kernel for both."""
+        gamma = self.gamma.view(-1, 1, 1, 1)
+        return fused.on_device(norm_silu, x, dynamic=True)(x, gamma) if silu else rms_norm(x, gamma)
 
 
 class CausalConv3d(nn.Conv3d):
     """A 3-D convolution of kernel (kt, kh, kw), causal in time. Its input is padded with kt - 1 past frames
     (the last input frames of the previous call: the time cache in `cache`; zeros before the first), kh // 2
-    rows of the neighbouring bands (zeros at the frame's edge) and kw // 2 zero columns."""
+    rows of the neighbouring bands (zeros at the frame's edge) and kw // 2 zero columns, all written once,
+    into one buffer."""
 
     def __init__(self, in_dim, out_dim, kernel):
         super().__init__(in_dim, out_dim, kernel)
 
     def forward(self, x, cache, bands):
         kt, kh, kw = self.kernel_size
-        if kh > 1:
-            x = bands.halo(x, kh // 2)
-        if kw > 1:
-            x = F.pad(x, (kw // 2, kw // 2))
-        if kt > 1:
-            past = cache.get(self)
-            if past is None:
-                past = x.new_zeros(*x.shape[:2], kt - 1, *x.shape[3:])
-            x = torch.cat([past, x], dim=2)
-            cache[self] = x[:, :, -(kt - 1):].clone()     # the next call's past frames (halo included)
-        return super().forward(x)
+        if kt == 1 and kh == 1 and kw == 1:
+            return super().forward(x)
+        past, rows, cols = kt - 1, kh // 2, kw // 2
+        B, C, T, h, W = x.shape
+        padded = torch.empty(B, C, past + T, h + 2 * rows, W + 2 * cols, dtype=x.dtype, device=x.device,
+                             memory_format=memory_format(x))     # [past + T frames, h + 2 halo rows, W + 2]
+        inside = padded[:, :, past:, :, cols:cols + W]
+        inside[:, :, :, rows:rows + h] = x
+        if rows:
+            bands.fill_halo(inside, x, rows)
+        if cols:
+            padded[:, :, past:, :, :cols] = 0
+            padded[:, :, past:, :, -cols:] = 0
+        if past:
+            kept = cache.get(self)
+            padded[:, :, :past] = 0 if kept is None else kept
+            cache[self] = padded[:, :, -past:].clone()          # the next call's past frames (halo included)
+        return super().forward(padded)
 
 
 class ResidualBlock(nn.Module):
@@ -207,8 +232,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cache, bands):
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         shortcut = x if self.shortcut is None else self.shortcut(x, cache, bands)
-        h = conv1(F.silu(norm1(x)), cache, bands)
-        return conv2(F.silu(norm2(h)), cache, bands) + shortcut
+        h = conv1(norm1(x, silu=True), cache, bands)
+        return conv2(norm2(h, silu=True), cache, bands) + shortcut
 
 
 class AttentionBlock(nn.Module):
@@ -253,12 +278,25 @@ class Resample(nn.Module):
                 x = self.time_conv(x, cache, bands).view(B, 2, C, T, h, W)               # frames 2t, 2t+1
                 x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, h, W)
             x = torch.cat([head, x], dim=2)
-        x = bands.halo(x, 1)                                                             # one row each side
-        B, C, T, h, W = x.shape
-        x = x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
-        x = F.pad(x[:, :, :, 1:-1], (1, 1))                    # 2x nearest: keep one halo row, pad columns
+        x = upsample_nearest_2x(bands.halo(x, 1))[:, :, :, 1:-1]          # one halo row each side stays
         conv = self.resample[1]
-        return F.conv3d(x, conv.weight[:, :, None], conv.bias)
+        weight = conv.weight[:, :, None].contiguous(memory_format=memory_format(x))
+        return F.conv3d(x, weight, conv.bias, padding=(0, 0, 1))
+
+
+def memory_format(x):
+    """channels_last_3d where x is stored channels-last (the decoder's format on GPU), else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def upsample_nearest_2x(x):
+    """x [B, C, T, h, W] -> [B, C, T, 2h, 2W], each value copied to a 2x2 square, in x's memory format."""
+    B, C, T, h, W = x.shape
+    if memory_format(x) == torch.channels_last_3d:          # expand in the storage order [B, T, h, W, C]
+        y = x.permute(0, 2, 3, 4, 1)[:, :, :, None, :, None].expand(B, T, h, 2, W, 2, C)
+        return y.reshape(B, T, 2 * h, 2 * W, C).permute(0, 4, 1, 2, 3)
+    return x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
 
 
 class Decoder3d(nn.Module):
@@ -285,7 +323,7 @@ class Decoder3d(nn.Module):
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache, bands)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x)), cache, bands)
+        return conv(norm(x, silu=True), cache, bands)
 
 
 class WanVAEDecoder(nn.Module):
@@ -299,6 +337,7 @@ class WanVAEDecoder(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)        # the post-quant conv
         self.decoder = Decoder3d(config)
         self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once from the config
+        self.memory_format = torch.contiguous_format
 
     @property
     def dtype(self):
@@ -310,7 +349,7 @@ class WanVAEDecoder(nn.Module):
             self.statistics[key] = [torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
                                     for values in (self.config.latents_mean, self.config.latents_std)]
         mean, std = self.statistics[key]
-        z = latents.to(self.dtype) * std + mean
+        z = (latents.to(self.dtype) * std + mean).contiguous(memory_format=self.memory_format)
         return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1)
 
 
@@ -332,11 +371,23 @@ class FrameDecoder:
         return self.bands.gather(pixels, sf.VAE_STRIDE)
 
 
+def first_frame_apart(chunks):
+    """The stream's chunks, with the video's first latent frame handed on alone: it decodes to the first
+    frame a viewer sees, and alone (the decoder is causal, so its pixels do not change) it gets there
+    sooner than with the rest of its chunk."""
+    for index, latents in enumerate(chunks):
+        if index == 0 and latents.shape[2] > 1:
+            yield latents[:, :, :1]
+            latents = latents[:, :, 1:]
+        yield latents
+
+
 def decode_stream(decoder, chunks, overlap=False):
-    """Yield the frames of each chunk of latents in `chunks` (stage 06's stream) as they are decoded: on the
-    host, [B, 3, T', H, W] in the decoder's dtype. overlap (GPU): chunk k is decoded on a CUDA stream of
-    its own (high priority) while the DiT makes chunk k + 1 on the default stream; the host waits only for
-    chunk k's frames, not for the DiT."""
+    """Yield the frames of the latents in `chunks` (stage 06's stream) as they are decoded, on the host,
+    [B, 3, T', H, W] in the decoder's dtype: first the video's first frame alone, then each chunk's frames.
+    overlap (GPU): each is decoded on a CUDA stream of its own (high priority) while the DiT makes the next
+    chunk on the default stream; the host waits only for the frames, not for the DiT."""
+    chunks = first_frame_apart(chunks)
     device = next(decoder.vae.parameters()).device
     if device.type != "cuda":
         for latents in chunks:
@@ -369,14 +420,21 @@ def wait(pending):
     return host
 
 
-def build_decoder(preset, dtype, device, seed, path=None):
+def build_decoder(preset, dtype, device, seed, path=None, channels_last=None):
     """The decoder of a DECODER_PRESETS name: random weights from `seed` (the same on every rank), or a Wan
-    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly."""
+    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly. channels_last (default: on
+    GPU): activations and 3-D kernels stored channels-last, which cuDNN's 3-D convolutions run faster."""
     torch.manual_seed(seed)
     vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
-    return vae.to(device).eval()
+    vae = vae.to(device).eval()
+    if channels_last if channels_last is not None else torch.device(device).type == "cuda":
+        vae.memory_format = torch.channels_last_3d
+        for p in vae.parameters():
+            if p.dim() == 5:
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+    return vae
 
 
 if __name__ == "__main__":

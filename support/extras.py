@@ -3,9 +3,13 @@ release's text_encoder/ and tokenizer/), an mp4 out (imageio with imageio-ffmpeg
 CI never need these packages; without them the flags that use them stop at once with one line."""
 import importlib.util
 import os
+import queue
+import threading
 
 import torch
 import torch.distributed as dist
+
+from support.harness import BadInput
 
 EXTRAS = "pip install transformers imageio imageio-ffmpeg"
 
@@ -58,19 +62,38 @@ def prompt_features(wan_folder, prompt, text_len, device, mesh):
 
 
 class VideoWriter:
-    """Frames into an mp4 as they arrive: pixels [3, T, H, W] in [-1, 1] -> T frames of 8-bit RGB."""
+    """Frames into an mp4 as they arrive: write(pixels [3, T, H, W] in [-1, 1]) hands them to a thread that
+    turns them into 8-bit RGB and encodes them, so the caller goes on at once (with the GPU's next chunk)."""
 
     def __init__(self, path, fps=16):
         import imageio.v2 as imageio
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.writer = imageio.get_writer(path, fps=fps, macro_block_size=1)
-        self.count = 0
+        self.path, self.count, self.error = path, 0, None
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self._encode, daemon=True)
+        self.thread.start()
 
     def write(self, pixels):
-        frames = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # [3, T, H, W]
-        for frame in frames.permute(1, 2, 3, 0).cpu().numpy():                        # [H, W, 3] each
-            self.writer.append_data(frame)
-            self.count += 1
+        self.queue.put(pixels)
+
+    def _encode(self):
+        while (pixels := self.queue.get()) is not None:
+            try:
+                frames = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # [3, T, H, W]
+                for frame in frames.permute(1, 2, 3, 0).numpy():                             # [H, W, 3] each
+                    self.writer.append_data(frame)
+                    self.count += 1
+            except Exception as e:  # noqa: BLE001 -- reported by close(), in the caller's thread
+                self.error = self.error or e
 
     def close(self):
-        self.writer.close()
+        """Wait for every frame to be encoded, and close the file."""
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            self.writer.close()
+        except OSError as e:
+            self.error = self.error or e
+        if self.error:
+            raise BadInput(f"--video {self.path}: writing failed ({self.error})")

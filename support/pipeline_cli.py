@@ -108,6 +108,8 @@ def needs_gpus(args):
 def main(sf, dec=None):
     args = build_parser(sf, dec).parse_args()
     device = sf.sp.init_distributed(needs_gpus=needs_gpus(args))
+    if dec is not None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     heads = sf.PRESETS[args.preset].num_heads
     mesh = sf.sp.SPMesh.get(*sf.sp.mesh_shape(sf.sp.world()[0], heads, args.ring), device=device)
@@ -284,6 +286,7 @@ def bench_main(job):
     config = sf.PRESETS[a.preset]
     chunk_tflop = forward_flops(sf, config, tokens, tokens) / 1e12
     video_tflop = video_flops(sf, config, video) / 1e12
+    waited = time_videos(run, device, 0, a.video_repeats, wait_each=True) if device.type == "cuda" else None
     with torch.no_grad(), sf.attention_backends(device):
         # one forward of the first chunk through the forward the videos used, timed last, with the GPU busy
         # for seconds already (timed right after compilation, on an idle GPU, it reads high)
@@ -294,10 +297,9 @@ def bench_main(job):
     timings.add("first chunk (4 steps)", first_s * 1e3, "from the call: incl. text K/V, cache set-up")
     timings.add("whole video", total_s * 1e3, f"{video_tflop / total_s:6.1f} TFLOP/s of {video_tflop:.1f} TFLOP "
                 f"(median of {a.video_repeats})")
-    if device.type == "cuda":
-        _, waited_first, waited_total = time_videos(run, device, 0, a.video_repeats, wait_each=True)
-        timings.add("whole video, host waiting for each chunk", waited_total * 1e3,
-                    f"first chunk {waited_first * 1e3:.1f} ms", versus="whole video")
+    if waited:
+        timings.add("whole video, host waiting for each chunk", waited[2] * 1e3,
+                    f"first chunk {waited[1] * 1e3:.1f} ms", versus="whole video")
     if job.show:
         peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
                 if device.type == "cuda" else "")
@@ -306,7 +308,7 @@ def bench_main(job):
     if a.profile and device.type == "cuda":
         with torch.no_grad(), sf.attention_backends(device):
             profiled = [("eager", first_chunk_forward(job, model, text, False))]
-            profiled += [("CUDA graph", one_forward)] if job.options.graphs else []
+            profiled += [("CUDA graph", first_chunk_forward(job, model, text, True))] if job.options.graphs else []
             for label, fn in profiled:
                 report_profile(label, host_and_kernel_ms(fn), job.mesh, a.profile_dir)
 
@@ -427,8 +429,8 @@ def add_decoder_flags(parser, dec):
     parser.add_argument("--decoder-dtype", choices=["bfloat16", "float32", "float64"], default=None,
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--video", help="also write the frames as they come to this mp4 (optional packages)")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="GPU: decode each chunk on the DiT's stream instead of a stream of its own")
+    parser.add_argument("--overlap", action="store_true",
+                        help="GPU: decode each chunk on a CUDA stream of its own, beside the DiT's next chunk")
 
 
 def decoder_preset(args):
@@ -463,7 +465,7 @@ def frames_main(job, model, text, vae):
     """Stage 07's main job: the video's frames as they are made (after an untimed warm-up video on GPU), the
     first decoded frame's latency and the whole video's time, with the mp4 written as frames arrive."""
     a, mesh, video = job.args, job.mesh, job.video
-    overlap = job.device.type == "cuda" and not a.no_overlap
+    overlap = job.device.type == "cuda" and a.overlap
     warmup_s = warm_up(job, lambda: time_frames(job, model, text, vae, overlap))
     writer = extras.VideoWriter(a.video) if a.video and mesh.rank == 0 else None
     frames, marks, total = time_frames(job, model, text, vae, overlap, writer and (lambda p: writer.write(p[0])))
@@ -483,7 +485,8 @@ def frames_main(job, model, text, vae):
               f"{', overlapped on its own CUDA stream' if overlap else ''})")
         if warmup_s is not None:
             print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
-        print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call ({frames[0].shape[2]} frames); "
+        print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
+              f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; "
               f"all {pixels.shape[2]} frames in {total:.3f} s -> {pixels.shape[2] / total:.1f} FPS, decoded "
               f"frames [{pixels.shape[2]}, {pixels.shape[3]}, {pixels.shape[4]}, 3] saved to {a.output}"
               f"{f', mp4 {a.video}' if writer else ''}")
@@ -521,11 +524,21 @@ def frames_bench(job):
         print(f"07 --bench: {job.describe()}, decoder {decoder_preset(a)} ({vae.dtype}, "
               f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), bands of rows "
               f"{[b - f for f, b in bands.bounds]}")
-    decoder = dec.FrameDecoder(vae, bands)
-    first = time_ms(lambda: dec.FrameDecoder(vae, bands)(latents), device, a.warmup, min(a.repeats, 5))
-    timings.add("decode the first chunk", first, f"{4 * video.chunk_frames - 3} frames, fresh time caches")
-    decoder(latents)
-    timings.time("decode a later chunk", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
+    layouts = [(vae, "")]
+    if device.type == "cuda":     # the same decoder with activations stored channels-first, for comparison
+        layouts.append((dec.build_decoder(decoder_preset(a), vae.dtype, device, a.seed, a.vae, channels_last=False),
+                        ", channels-first"))
+    for model_, how in layouts:
+        decoder = dec.FrameDecoder(model_, bands)
+        timings.add(f"decode the first chunk{how}", time_ms(lambda: dec.FrameDecoder(model_, bands)(latents), device,
+                                                            a.warmup, min(a.repeats, 5)),
+                    f"{4 * video.chunk_frames - 3} frames, fresh time caches")
+        timings.add(f"decode its first latent frame alone{how}",
+                    time_ms(lambda: dec.FrameDecoder(model_, bands)(latents[:, :, :1]), device, a.warmup,
+                            min(a.repeats, 5)), "1 frame: the first a viewer sees")
+        decoder(latents)
+        timings.time(f"decode a later chunk{how}", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
+    del layouts[1:]
     clock = Clock(device)
     for _ in range(a.warmup_videos):
         for overlap in (False, True):
