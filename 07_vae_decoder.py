@@ -205,8 +205,7 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         past, rows, cols = kt - 1, kh // 2, kw // 2
         B, C, T, h, W = x.shape
-        padded = torch.empty(B, C, past + T, h + 2 * rows, W + 2 * cols, dtype=x.dtype, device=x.device,
-                             memory_format=memory_format(x))     # [past + T frames, h + 2 halo rows, W + 2]
+        padded = x.new_empty(B, C, past + T, h + 2 * rows, W + 2 * cols)   # [past + T, h + 2 halo rows, W + 2]
         inside = padded[:, :, past:, :, cols:cols + W]
         inside[:, :, :, rows:rows + h] = x
         if rows:
@@ -278,25 +277,11 @@ class Resample(nn.Module):
                 x = self.time_conv(x, cache, bands).view(B, 2, C, T, h, W)               # frames 2t, 2t+1
                 x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, h, W)
             x = torch.cat([head, x], dim=2)
-        x = upsample_nearest_2x(bands.halo(x, 1))[:, :, :, 1:-1]          # one halo row each side stays
-        conv = self.resample[1]
-        weight = conv.weight[:, :, None].contiguous(memory_format=memory_format(x))
-        return F.conv3d(x, weight, conv.bias, padding=(0, 0, 1))
-
-
-def memory_format(x):
-    """channels_last_3d where x is stored channels-last (the decoder's format on GPU), else contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
-
-
-def upsample_nearest_2x(x):
-    """x [B, C, T, h, W] -> [B, C, T, 2h, 2W], each value copied to a 2x2 square, in x's memory format."""
-    B, C, T, h, W = x.shape
-    if memory_format(x) == torch.channels_last_3d:          # expand in the storage order [B, T, h, W, C]
-        y = x.permute(0, 2, 3, 4, 1)[:, :, :, None, :, None].expand(B, T, h, 2, W, 2, C)
-        return y.reshape(B, T, 2 * h, 2 * W, C).permute(0, 4, 1, 2, 3)
-    return x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
+        x = bands.halo(x, 1)                                                             # one row each side
+        B, C, T, h, W = x.shape
+        x = x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
+        conv = self.resample[1]                                 # 2x nearest; one halo row each side stays
+        return F.conv3d(x[:, :, :, 1:-1], conv.weight[:, :, None], conv.bias, padding=(0, 0, 1))
 
 
 class Decoder3d(nn.Module):
@@ -337,7 +322,6 @@ class WanVAEDecoder(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)        # the post-quant conv
         self.decoder = Decoder3d(config)
         self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once from the config
-        self.memory_format = torch.contiguous_format
 
     @property
     def dtype(self):
@@ -349,7 +333,7 @@ class WanVAEDecoder(nn.Module):
             self.statistics[key] = [torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
                                     for values in (self.config.latents_mean, self.config.latents_std)]
         mean, std = self.statistics[key]
-        z = (latents.to(self.dtype) * std + mean).contiguous(memory_format=self.memory_format)
+        z = latents.to(self.dtype) * std + mean
         return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1)
 
 
@@ -420,21 +404,14 @@ def wait(pending):
     return host
 
 
-def build_decoder(preset, dtype, device, seed, path=None, channels_last=None):
+def build_decoder(preset, dtype, device, seed, path=None):
     """The decoder of a DECODER_PRESETS name: random weights from `seed` (the same on every rank), or a Wan
-    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly. channels_last (default: on
-    GPU): activations and 3-D kernels stored channels-last, which cuDNN's 3-D convolutions run faster."""
+    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly."""
     torch.manual_seed(seed)
     vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
-    vae = vae.to(device).eval()
-    if channels_last if channels_last is not None else torch.device(device).type == "cuda":
-        vae.memory_format = torch.channels_last_3d
-        for p in vae.parameters():
-            if p.dim() == 5:
-                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-    return vae
+    return vae.to(device).eval()
 
 
 if __name__ == "__main__":
