@@ -539,6 +539,8 @@ def frames_bench(job):
     decoder = dec.FrameDecoder(vae, bands)
     decoder(latents)
     timings.time("decode a later chunk", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
+    if not extras.missing(["diffusers"]) and mesh.world_size == 1 and a.vae is None and decoder_preset(a) == "wan2.1":
+        diffusers_decode_rows(timings, latents, vae.dtype, device, a)
     clock = Clock(device)
     for _ in range(a.warmup_videos):
         for overlap in (False, True):
@@ -566,3 +568,30 @@ def frames_bench(job):
             print(f"  pixels, {vae.dtype} vs float32 (2 chunks, values in [-1, 1]): max abs error "
                   f"{(ours - want).abs().max().item():.3e}, relative RMS {relative_rms(ours, want):.2e}, "
                   f"8-bit values that differ {(to_uint8(ours[0]) != to_uint8(want[0])).float().mean().item():.2%}")
+
+
+def diffusers_decode_rows(timings, latents, dtype, device, args):
+    """The baseline, where diffusers is installed: its AutoencoderKLWan (Wan2.1's configuration, random
+    weights) decoding the same latents latent frame by latent frame with its feature cache, as its own
+    decode() does, first chunk and a later one."""
+    import diffusers
+    vae = diffusers.AutoencoderKLWan().to(device, dtype).eval()
+    stats = [torch.tensor(v, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+             for v in (vae.config.latents_mean, vae.config.latents_std)]
+    x = vae.post_quant_conv(latents.to(dtype) * stats[1] + stats[0])
+
+    @torch.no_grad()
+    def frames(first_chunk):
+        if first_chunk:
+            vae.clear_cache()
+        out = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                   first_chunk=first_chunk and i == 0))
+        return torch.cat(out, dim=2).clamp(-1, 1)
+    timings.time(f"diffusers {diffusers.__version__}: decode the first chunk", lambda: frames(True),
+                 versus="decode the first chunk")
+    frames(True)
+    timings.time(f"diffusers {diffusers.__version__}: decode a later chunk", lambda: frames(False),
+                 versus="decode a later chunk")
