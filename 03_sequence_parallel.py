@@ -260,8 +260,8 @@ def heads_to_seq(x, mesh, length):
 def copy_rows_(dst, src):
     """dst.copy_(src) where the last dim is contiguous but the rows around it are strided (a layout change).
     PyTorch's strided copy moves one element per thread step; viewed as 16-byte words (complex128, a bit
-    pattern only: nothing is computed on it) the same copy moves 8 bf16 values per step, ~3x faster on an
-    H100. Falls back to the plain copy where a row, stride or offset is not a multiple of 16 bytes."""
+    pattern only: nothing is computed on it) the same copy moves 8 bf16 values per step. Falls back to
+    the plain copy where a row, stride or offset is not a multiple of 16 bytes."""
     try:
         dst, src = dst.view(torch.complex128), src.view(torch.complex128)
     except RuntimeError:

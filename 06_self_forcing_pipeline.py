@@ -391,7 +391,7 @@ def video_rope_table(model, video, device):
 
 
 def attention_backends(device):
-    """On GPU, try cuDNN attention first (about 1.7x flash's rate on H200 at these shapes), then flash,
+    """On GPU, try cuDNN attention first (the fastest at these shapes where it runs), then flash,
     then memory-efficient; PyTorch falls through to the next where a backend refuses the inputs."""
     if device.type != "cuda":
         return contextlib.nullcontext()
@@ -519,7 +519,7 @@ def validate(model, mesh, video, text):
 
 def parameter_fingerprint(model):
     """A number that differs when ranks hold different weights (the float64 sum's bits). Summing 1.4 B
-    weights costs ~10 ms, so the value is kept until a parameter changes (its version counter moves)."""
+    weights is not free, so the value is kept until a parameter changes (its version counter moves)."""
     versions = [(id(p), p._version) for p in model.parameters()]
     kept = getattr(model, "_fingerprint", None)
     if kept is None or kept[0] != versions:

@@ -28,7 +28,8 @@ def build_parser(sf, dec=None):
     parser.add_argument("--profile-dir", default=None, help="bench --profile: also write the profiler tables here")
     parser.add_argument("--warmup", type=non_negative, default=5, help="bench: untimed chunk forwards")
     parser.add_argument("--repeats", type=positive, default=20, help="bench: timed chunk forwards")
-    parser.add_argument("--warmup-videos", type=non_negative, default=1, help="bench: untimed videos (compile, capture)")
+    parser.add_argument("--warmup-videos", type=non_negative, default=1,
+                        help="bench: untimed videos (compile, capture)")
     parser.add_argument("--video-repeats", type=positive, default=5, help="bench: timed videos")
     parser.add_argument("--preset", choices=sorted(sf.PRESETS), default="tiny")
     parser.add_argument("--frames", type=positive, default=21, help="latent frames (21 = 81 video frames)")
@@ -44,7 +45,8 @@ def build_parser(sf, dec=None):
     parser.add_argument("--wan-folder", help="a local Wan2.1 diffusers release (text_encoder/, tokenizer/)")
     parser.add_argument("--output", default="out/latents.pt" if dec is None else "out/frames.pt",
                         help="where the latents (06) or the decoded frames (07) are saved")
-    parser.add_argument("--ring", type=positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
+    parser.add_argument("--ring", type=positive, default=None,
+                        help="ring degree (default: most Ulysses the heads allow)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
                         help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--mode", choices=sf.fused.MODES, default="fused")
