@@ -77,7 +77,7 @@ import importlib
 import math
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -465,7 +465,7 @@ def stream(model, text, video, mesh, seed=0, options=RunOptions()):
     if graphs and device.type != "cuda":
         raise ValueError("CUDA graphs need a GPU: use graphs=False (--no-graph) on CPU")
     table = video_rope_table(model, video, device)
-    forward = chunk_forward(model, mesh, table, batch, video.window_frames, replace_graphs(options, graphs))
+    forward = chunk_forward(model, mesh, table, batch, video.window_frames, replace(options, graphs=graphs))
     forward.state.start(model.text_context(text.to(device)))
     noise = NoiseSource(seed, device)
     out_dtype = torch.promote_types(model.dtype, torch.float32)
@@ -601,10 +601,6 @@ def capture_deadline(seconds, what):
     """A hung capture ends every rank with one line naming what hung and what to switch."""
     return Deadline(seconds, what, "rerun with --exchange symm (peer copies instead of NCCL) or with --no-graph",
                     sp.world()[1])
-
-
-def replace_graphs(options, graphs):
-    return RunOptions(options.mode, graphs, options.graph_timeout_s)
 
 
 @functools.lru_cache(maxsize=4)

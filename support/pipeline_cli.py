@@ -3,6 +3,7 @@
 The stages pass themselves in (`main(sf)` from 06, `main(sf, dec)` from 07): a stage that runs as a script
 is the module `__main__`, and importing it again by name would load a second copy of it, whose CUDA-graph
 cache nobody clears at exit."""
+import dataclasses
 import os
 import statistics
 
@@ -356,7 +357,7 @@ def first_chunk_forward(job, model, text, graphs, timestep=1000.0):
     gen = torch.Generator(device).manual_seed(0)                       # the same tokens at every call
     x = torch.randn(1, layout.n_local, 4 * model.config.in_dim, device=device, generator=gen)
     t = torch.full((1, video.chunk_frames), timestep, device=device)
-    options = sf.RunOptions(job.options.mode, graphs, job.options.graph_timeout_s)
+    options = dataclasses.replace(job.options, graphs=graphs)
     forward = sf.chunk_forward(model, job.mesh, table, 1, video.window_frames, options)
     forward.state.start(model.text_context(text.to(device)))
     return lambda: forward(x, t, layout)
