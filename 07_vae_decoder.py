@@ -126,9 +126,9 @@ class RowBands:
         cls(rows, mesh.world_size)          # every rank raises the same BadInput here, before the group
         return cls(rows, mesh.world_size, mesh.rank, mesh.side_group())
 
-    def band(self, scale=1):
-        first, end = self.bounds[self.rank]
-        return first * scale, end * scale
+    def band(self):
+        """This rank's latent rows, [first, end)."""
+        return self.bounds[self.rank]
 
     def halo(self, x, rows=1):
         """x [B, C, T, h, W] (this rank's band) with `rows` rows of the neighbours' bands above and below it

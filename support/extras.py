@@ -9,8 +9,6 @@ import threading
 import torch
 import torch.distributed as dist
 
-from support.harness import BadInput
-
 EXTRAS = "pip install transformers imageio imageio-ffmpeg"
 
 
@@ -61,6 +59,11 @@ def prompt_features(wan_folder, prompt, text_len, device, mesh):
     return features[0]
 
 
+def to_uint8(pixels):
+    """Pixels [3, T, H, W] in [-1, 1] -> what a viewer sees: [T, H, W, 3] bytes."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+
+
 class VideoWriter:
     """Frames into an mp4 as they arrive: write(pixels [3, T, H, W] in [-1, 1]) hands them to a thread that
     turns them into 8-bit RGB and encodes them, so the caller goes on at once (with the GPU's next chunk)."""
@@ -80,20 +83,19 @@ class VideoWriter:
     def _encode(self):
         while (pixels := self.queue.get()) is not None:
             try:
-                frames = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)   # [3, T, H, W]
-                for frame in frames.permute(1, 2, 3, 0).numpy():                             # [H, W, 3] each
+                for frame in to_uint8(pixels).numpy():                                       # [H, W, 3] each
                     self.writer.append_data(frame)
                     self.count += 1
             except Exception as e:  # noqa: BLE001 -- reported by close(), in the caller's thread
                 self.error = self.error or e
 
     def close(self):
-        """Wait for every frame to be encoded, and close the file."""
+        """Wait for every frame to be encoded, and close the file. Returns what went wrong (a one-line
+        message), or None: the caller reports it on every rank, after keeping the frames elsewhere."""
         self.queue.put(None)
         self.thread.join()
         try:
             self.writer.close()
         except OSError as e:
             self.error = self.error or e
-        if self.error:
-            raise BadInput(f"--video {self.path}: writing failed ({self.error})")
+        return self.error and f"--video {self.path}: writing failed ({self.error})"

@@ -113,7 +113,7 @@ def main(sf, dec=None):
     device = sf.sp.init_distributed(needs_gpus=needs_gpus(args))
     if dec is not None and device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = chosen_dtype(args.dtype, device)
     heads = sf.PRESETS[args.preset].num_heads
     mesh = sf.sp.SPMesh.get(*sf.sp.mesh_shape(sf.sp.world()[0], heads, args.ring), device=device)
     if args.exchange == "symm":
@@ -123,6 +123,11 @@ def main(sf, dec=None):
     job = bench if args.bench else verify_main if args.verify else video_main
     job(Job(sf, dec, args, video_spec(sf, args), device, mesh, dtype, options))
     sf.finish(args.graph_timeout)
+
+
+def chosen_dtype(name, device):
+    """A --dtype flag's torch dtype; unset, bfloat16 on GPU and float32 on CPU."""
+    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
 class Job:
@@ -179,6 +184,17 @@ def agree(job, problem):
         raise BadInput(problem)
 
 
+def save_on_rank_zero(job, result, problem=None):
+    """Rank 0 saves result() to --output; a failed save, or rank 0's earlier `problem` (an mp4 that could not
+    be written), ends every rank with its one line, after the result is kept."""
+    if job.mesh.rank == 0:
+        try:
+            files.save(result(), job.args.output)
+        except BadInput as e:
+            problem = problem or str(e)
+    agree(job, problem)
+
+
 def time_stream(chunks, device, wait_each=False):
     """Drain a stream of chunks; returns (the chunks, seconds from the call to each chunk's hand-out on the
     device's timeline). wait_each: the host also waits for every chunk (as a consumer that copies each chunk
@@ -195,7 +211,7 @@ def time_stream(chunks, device, wait_each=False):
 def video_main(job):
     """The main job: a video (after an untimed warm-up one on GPU), its first chunk's latency and its whole
     time, measured when the GPU has finished the work they name; then the latents are saved. Stage 07's
-    main job decodes the chunks into frames as they come (dec.frames_main)."""
+    main job decodes the chunks into frames as they come (frames_main)."""
     a, sf, mesh, video = job.args, job.sf, job.mesh, job.video
     estimate = cpu_estimate(sf, sf.PRESETS[a.preset], video) if job.device.type == "cpu" else None
     if estimate and job.show:
@@ -212,14 +228,8 @@ def video_main(job):
     warmup_s = warm_up(job, lambda: list(run()))
     chunks, marks = time_stream(run(), job.device)
     latents = torch.cat(chunks, dim=2)
-    problem = None
-    if mesh.rank == 0:
-        try:
-            files.save({"latents": latents.cpu(), "frames": video.frames, "height": video.height,
-                        "width": video.width, "seed": a.seed, "preset": a.preset}, a.output)
-        except BadInput as e:
-            problem = str(e)
-    agree(job, problem)
+    save_on_rank_zero(job, lambda: {"latents": latents.cpu(), "frames": video.frames, "height": video.height,
+                                    "width": video.width, "seed": a.seed, "preset": a.preset})
     if job.show:
         print(f"{stage_name(sf)}: {job.describe()}")
         if warmup_s is not None:
@@ -294,7 +304,7 @@ def bench_main(job):
         print(f"  warm-up ({a.warmup_videos} video(s): compile, capture) {warmup_s:.2f} s, not timed below")
     timings = Timings(device, job.show, a.warmup, a.repeats)
     config = sf.PRESETS[a.preset]
-    chunk_tflop = forward_flops(sf, config, tokens, tokens) / 1e12
+    chunk_tflop = forward_flops(config, tokens, tokens) / 1e12
     video_tflop = video_flops(sf, config, video) / 1e12
     waited = time_videos(run, device, 0, a.video_repeats, wait_each=True) if device.type == "cuda" else None
     with torch.no_grad(), sf.attention_backends(device):
@@ -363,7 +373,7 @@ def first_chunk_forward(job, model, text, graphs, timestep=1000.0):
     return lambda: forward(x, t, layout)
 
 
-def forward_flops(sf, config, tokens, visible_keys):
+def forward_flops(config, tokens, visible_keys):
     """Multiply-adds x 2 of one forward of a ModelConfig over `tokens` tokens attending to `visible_keys`
     keys: the linear layers (text K/V excluded: computed once per video), self- and cross-attention.
     Head and embeddings are ~0.1%."""
@@ -378,7 +388,7 @@ def video_flops(sf, config, video):
     n, total = video.chunk_frames * video.tokens_per_frame, 0
     for c in range(video.num_chunks):
         passes = len(sf.DENOISING_STEPS) + (c + 1 < video.num_chunks)
-        total += passes * forward_flops(sf, config, n, (c + 1) * n)
+        total += passes * forward_flops(config, n, (c + 1) * n)
     return total
 
 
@@ -448,27 +458,25 @@ def decoder_preset(args):
 
 
 def decoder_dtype(job):
-    return getattr(torch, job.args.decoder_dtype or ("bfloat16" if job.device.type == "cuda" else "float32"))
+    return chosen_dtype(job.args.decoder_dtype, job.device)
 
 
-def time_frames(job, model, text, vae, overlap, consume=None):
+def time_frames(job, model, text, vae, overlap, writer=None):
     """One video, chunk by chunk into frames: (the frames, host seconds from the call to each chunk's frames
-    on the host, seconds to the end). The host holds the frames at each mark, so a mark is a true latency
-    whichever CUDA stream decoded them."""
+    on the host, seconds to the end, the writer's last frame encoded). The host holds the frames at each
+    mark, so a mark is a true latency whichever CUDA stream decoded them. The writer is closed at the end;
+    what went wrong with it, if anything, is in writer.problem."""
     bands = job.dec.RowBands.for_job(job.video.latent_height, job.mesh)
     clock, frames, marks = Clock(job.device), [], []
     chunks = job.sf.stream(model, text, job.video, job.mesh, job.args.seed, job.options)
     for pixels in job.dec.decode_stream(job.dec.FrameDecoder(vae, bands), chunks, overlap):
         marks.append(clock.host_seconds())
-        if consume:
-            consume(pixels)
+        if writer:
+            writer.write(pixels[0])
         frames.append(pixels)
+    if writer:
+        writer.problem = writer.close()
     return frames, marks, clock.host_seconds()
-
-
-def to_uint8(pixels):
-    """Pixels [3, T, H, W] in [-1, 1] -> what a viewer sees: [T, H, W, 3] bytes."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
 
 
 def frames_main(job, model, text, vae):
@@ -478,18 +486,10 @@ def frames_main(job, model, text, vae):
     overlap = job.device.type == "cuda" and a.overlap
     warmup_s = warm_up(job, lambda: time_frames(job, model, text, vae, overlap))
     writer = extras.VideoWriter(a.video) if a.video and mesh.rank == 0 else None
-    frames, marks, total = time_frames(job, model, text, vae, overlap, writer and (lambda p: writer.write(p[0])))
-    if writer:
-        writer.close()
-    total = max(total, marks[-1])
+    frames, marks, total = time_frames(job, model, text, vae, overlap, writer)
     pixels = torch.cat(frames, dim=2)                                          # [B, 3, T, H, W]
-    problem = None
-    if mesh.rank == 0:
-        try:
-            files.save({"frames": to_uint8(pixels[0]), "fps": 16, "seed": a.seed, "preset": a.preset}, a.output)
-        except BadInput as e:
-            problem = str(e)
-    agree(job, problem)
+    save_on_rank_zero(job, lambda: {"frames": extras.to_uint8(pixels[0]), "fps": 16, "seed": a.seed,
+                                    "preset": a.preset}, writer and writer.problem)
     if job.show:
         print(f"{stage_name(job.dec)}: {job.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
               f"{', overlapped on its own CUDA stream' if overlap else ''})")
@@ -570,7 +570,7 @@ def frames_bench(job):
         if job.show:
             print(f"  pixels, {vae.dtype} vs float32 (2 chunks, values in [-1, 1]): max abs error "
                   f"{(ours - want).abs().max().item():.3e}, relative RMS {relative_rms(ours, want):.2e}, "
-                  f"8-bit values that differ {(to_uint8(ours[0]) != to_uint8(want[0])).float().mean().item():.2%}")
+                  f"8-bit values that differ {(extras.to_uint8(ours[0]) != extras.to_uint8(want[0])).float().mean().item():.2%}")
 
 
 def diffusers_decode_rows(timings, latents, dtype, device, args):

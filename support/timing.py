@@ -35,11 +35,11 @@ class Clock:
             self.start = time.perf_counter()
         self.host_start = time.perf_counter()
 
-    def record(self, stream=None):
-        """Mark now (on `stream`, default the current one) without waiting; returns the mark's index."""
+    def record(self):
+        """Mark now (on the current stream) without waiting; returns the mark's index."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record(stream)
+            event.record()
             self.events.append(event)
         else:
             self.events.append(time.perf_counter())
