@@ -11,12 +11,28 @@ The idea
     frame s uses time positions s..s+F-1. This global time index is what later stages reproduce per rank.
 
     Because tokens are ordered (frame, row, column), the rotation of any contiguous token range -- a
-    chunk, or one rank's shard of a chunk -- is a contiguous row range of one table built once for the
-    whole (frames, height, width) grid. `RopeTable` is that table (the paper's "RoPE precomputation").
+    chunk, or one rank's shard of a chunk -- is a contiguous run of rows of one table built once per video
+    shape (the paper's "RoPE precomputation"). A row is a token's time part beside its height/width part,
+    so `RopeTable` keeps the two apart: time rows [frames, 22 pairs] and frame rows [H*W, 42 pairs]. A
+    chunk's rows are a slice of each, side by side, and the table costs kilobytes, not the 17 MB per 21
+    frames at 480x832 of one row per token.
+
+Positions that never run out
+    Upstream's table has 1024 time rows, and a longer stream fails (Causal-Forcing issue #2). Here a time
+    position is the global frame index with no upper bound: past its `frames` time rows the table makes a
+    chunk's time rows from the same formula when the chunk starts (3 frames x 22 angles, once per chunk,
+    shared by every layer and step), so every rank still rotates its own tokens from the global time index
+    with no communication. q.k depends only on position differences, so what a long stream must bound is
+    the distance between a query and the keys it sees: a window does that (stage 02), and sink frames that
+    every chunk keeps seeing sit just before the window (`rotate_time` moves their keys by whole frames:
+    R(f + d) = R(d) R(f)), as LongLive's "infinity" mode and Rolling Forcing place theirs. The alternative,
+    sinks at their absolute frames 0..S-1, costs nothing per chunk but lets the sink's distance grow
+    without bound, far past the 21 frames the model was trained on; moving the sink costs one rotation of
+    S frames of keys per layer and chunk (3 frames x 1560 tokens x 12 heads x 128 at Wan-1.3B shapes).
 
 Shapes
     q, k:             [batch, tokens, heads, head_dim]
-    RopeTable.cos/sin [frames * height * width, head_dim // 2]   (one row per global token)
+    RopeTable.rows    cos, sin [tokens, head_dim // 2]: time pairs, then height, then width pairs
 
 Two ways to rotate, which must agree:
     causal_rope(x, grid, start_frame)       computes the angles on the fly for a chunk, as upstream does
@@ -24,8 +40,9 @@ Two ways to rotate, which must agree:
     apply_rope(x, *table.rows(first, end))  slices the precomputed table
 
 Run
-    python 01_rope.py                 checks norm preservation, relative positions, table == on-the-fly,
-                                      and chunk(start_frame=s) == frames s.. of the whole video
+    python 01_rope.py                 checks norm preservation, relative positions, table == on-the-fly
+                                      (past the table's time rows too), chunk(start_frame=s) == frames s..
+                                      of the whole video, and a key moved by rotate_time
     torchrun --nproc_per_node=2 01_rope.py   every rank runs the same checks, rank 0 prints
 """
 import torch
@@ -33,7 +50,7 @@ import torch
 from support.harness import Parser, check, is_rank_zero, positive, run_main
 
 THETA = 10000.0
-MAX_TIME_POSITIONS = 1024  # upstream builds 1024 rows per axis; longer videos overflow it
+MAX_TIME_POSITIONS = 1024  # upstream's table rows per axis; here later frames are computed as needed
 
 
 def head_dim_problem(head_dim):
@@ -89,7 +106,7 @@ def apply_rope(x, cos, sin):
     return out.flatten(-2).to(x.dtype)
 
 
-def causal_rope(x, grid, start_frame, theta=THETA, max_time_positions=MAX_TIME_POSITIONS):
+def causal_rope(x, grid, start_frame, theta=THETA):
     """Rotate a whole chunk x [B, F*H*W, heads, head_dim] whose first frame is global frame `start_frame`.
 
     Angles are built on the fly for this chunk and the rotation runs in float64, as upstream does. This
@@ -99,50 +116,69 @@ def causal_rope(x, grid, start_frame, theta=THETA, max_time_positions=MAX_TIME_P
     if x.shape[1] != frames * height * width:
         raise ValueError(f"causal_rope: x has {x.shape[1]} tokens but grid {tuple(grid)} has "
                          f"{frames * height * width}")
-    check_time_range(start_frame, frames, max_time_positions)
+    check_time_range(start_frame, frames)
     angles = grid_angles(x.shape[-1], torch.arange(start_frame, start_frame + frames), height, width, theta)
     angles = angles.to(x.device)
     return apply_rope(x, angles.cos(), angles.sin())
 
 
-def check_time_range(start_frame, num_frames, table_frames):
-    if start_frame < 0 or num_frames < 1 or start_frame + num_frames > table_frames:
-        raise ValueError(f"frames {start_frame}..{start_frame + num_frames - 1} are outside the RoPE "
-                         f"table's time positions 0..{table_frames - 1}")
+def check_time_range(start_frame, num_frames):
+    if start_frame < 0 or num_frames < 1:
+        raise ValueError(f"frames {start_frame}..{start_frame + num_frames - 1}: time positions start at 0")
+
+
+def rotate_time(x, frames, theta=THETA):
+    """x [..., head_dim] (rotated at some time position f) -> the same rotated at f + frames: its time
+    pairs turn by frames * theta^(-2i/44); height and width pairs stay. Runs in float32 or wider."""
+    t_pairs = axis_pairs(x.shape[-1])[0]
+    angles = axis_angles(torch.tensor([frames]), t_pairs, theta)[0].to(x.device)        # [t_pairs]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    real, imag = x[..., :2 * t_pairs].to(compute).unflatten(-1, (-1, 2)).unbind(-1)   # each [..., t_pairs]
+    cos, sin = angles.cos().to(compute), angles.sin().to(compute)
+    turned = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+    return torch.cat([turned.to(x.dtype), x[..., 2 * t_pairs:]], dim=-1)
 
 
 class RopeTable:
-    """cos/sin of every token of a (frames, height, width) grid, built once; a chunk or a shard of a
-    chunk is a contiguous row range of it.
+    """cos/sin of a (frames, height, width) grid, built once: time rows [frames, t_pairs] and frame rows
+    [height * width, h_pairs + w_pairs]. A token range's rows are a slice of each, side by side; time
+    positions past `frames` are made from the same formula when asked for (bit-identical)."""
 
-    Memory: frames * height * width * head_dim * 4 bytes in float32 (21 frames at 480x832, d = 128: 17 MB).
-    """
-
-    def __init__(self, head_dim, frames, height, width, theta=THETA, dtype=torch.float32, device="cpu",
-                 max_time_positions=MAX_TIME_POSITIONS):
-        if frames > max_time_positions:
-            raise ValueError(f"RopeTable: {frames} frames exceed the {max_time_positions} time positions")
+    def __init__(self, head_dim, frames, height, width, theta=THETA, dtype=torch.float32, device="cpu"):
+        t_pairs, h_pairs, w_pairs = axis_pairs(head_dim)
         self.head_dim, self.frames, self.height, self.width = head_dim, frames, height, width
+        self.theta, self.dtype, self.device = theta, dtype, torch.device(device)
         self.tokens_per_frame = height * width
-        angles = grid_angles(head_dim, torch.arange(frames), height, width, theta)  # float64
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        time = axis_angles(torch.arange(frames), t_pairs, theta)                        # [frames, t_pairs]
+        place = grid_angles(head_dim, torch.zeros(1), height, width, theta)[:, t_pairs:]  # [H*W, h + w pairs]
+        self.time_cos, self.time_sin = (f(time).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
+        self.place_cos, self.place_sin = (f(place).to(device=device, dtype=dtype) for f in (torch.cos, torch.sin))
 
-    @property
-    def num_tokens(self):
-        return self.cos.shape[0]
+    def time_rows(self, first_frame, end_frame):
+        """cos, sin [end - first, t_pairs] of time positions first..end-1: the table's, or made past it."""
+        if end_frame <= self.frames:
+            return self.time_cos[first_frame:end_frame], self.time_sin[first_frame:end_frame]
+        angles = axis_angles(torch.arange(first_frame, end_frame), self.time_cos.shape[1], self.theta)
+        return (f(angles).to(device=self.device, dtype=self.dtype) for f in (torch.cos, torch.sin))
 
     def rows(self, first_token, end_token):
-        """(cos, sin) of global tokens first_token..end_token-1."""
-        if not 0 <= first_token <= end_token <= self.num_tokens:
-            raise ValueError(f"tokens {first_token}..{end_token - 1} are outside the RoPE table of "
-                             f"{self.num_tokens} tokens ({self.frames} frames of {self.tokens_per_frame})")
-        return self.cos[first_token:end_token], self.sin[first_token:end_token]
+        """(cos, sin) [end - first, head_dim / 2] of global tokens first_token..end_token-1."""
+        if not 0 <= first_token <= end_token:
+            raise ValueError(f"tokens {first_token}..{end_token - 1} are not a token range")
+        tpf = self.tokens_per_frame
+        first_frame, end_frame = first_token // tpf, -(-end_token // tpf)
+        frames = end_frame - first_frame
+        rows = []
+        for time, place in zip(self.time_rows(first_frame, end_frame), (self.place_cos, self.place_sin)):
+            whole = torch.cat([time[:, None].expand(frames, tpf, time.shape[1]),
+                               place[None].expand(frames, tpf, place.shape[1])], dim=-1)   # [F, H*W, D/2]
+            rows.append(whole.flatten(0, 1)[first_token - first_frame * tpf:end_token - first_frame * tpf])
+        return tuple(rows)
 
     def chunk_rows(self, start_frame, num_frames, shard=None):
         """(cos, sin) of a chunk of `num_frames` frames starting at global `start_frame`, or of the token
         sub-range shard = (first, end), counted inside the chunk, that one rank holds."""
-        check_time_range(start_frame, num_frames, self.frames)
+        check_time_range(start_frame, num_frames)
         chunk_first = start_frame * self.tokens_per_frame
         first, end = shard if shard is not None else (0, num_frames * self.tokens_per_frame)
         if not 0 <= first <= end <= num_frames * self.tokens_per_frame:
@@ -180,6 +216,12 @@ def main():
     whole = causal_rope(q, (F, H, W), 0)
     errs = {"norms preserved": check("norm", whole.norm(dim=-1), q.norm(dim=-1), tol)}
     errs["table == on-the-fly"] = check("table", apply_rope(q, *table.chunk_rows(0, F)), whole, tol)
+    short = RopeTable(D, 1, H, W, dtype=torch.float64)              # one time row: frames 1.. made as asked
+    errs["past the table's time rows == on-the-fly"] = check(
+        "past", apply_rope(q, *short.chunk_rows(0, F)), whole, tol)
+    frame = q[:, :H * W]                                            # one frame's tokens, moved 1 -> F + 5
+    errs["rotate_time(frame 1, F + 4) == frame F + 5"] = check(
+        "moved", rotate_time(causal_rope(frame, (1, H, W), 1), F + 4), causal_rope(frame, (1, H, W), F + 5), tol)
     s, n = F // 3, max(1, F // 3)
     chunk = q[:, s * H * W:(s + n) * H * W]
     errs[f"chunk start_frame={s} == frames {s}.. of the video"] = check(

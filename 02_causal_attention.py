@@ -10,8 +10,16 @@ The idea
     Positions are global: a chunk starting at frame s is rotated with start_frame = s (stage 01), and the
     cache stores keys already rotated at their absolute positions.
 
-    Long videos use a local window: a chunk sees only the last `window_frames` frames (its own included;
-    Self-Forcing's local_attn_size). The cache evicts older tokens, but the time index keeps growing.
+    Long videos use a local window and sink frames. Exactly: a chunk ending at frame e sees key frame g
+    iff g < e and (g < sink_frames or g >= e - (window_frames - sink_frames)): the video's first
+    `sink_frames` frames, then the latest frames, its own chunk included, `window_frames` in all
+    (LongLive's local_attn_size 12 with sink_size 3 is window 12, sink 3: the sink and the latest 9
+    frames). Without a sink this is Self-Forcing's local_attn_size; without a window a chunk sees every
+    earlier frame. The sink is whole chunks (a prompt switch re-runs chunks, stage 06). The time index
+    keeps growing; the sink's keys move to sit just before the window (`sink_shift` frames, see stage 01),
+    so no distance a chunk sees grows with the video. The cache holds at most `window_frames` frames
+    however long the stream runs: block_causal_mask shows the rule over a whole video, KVCache keeps it
+    bounded chunk by chunk (the sink at the front of its storage, the window after it).
 
 Shapes
     q, k, v in the model:       [batch, tokens, heads, head_dim]
@@ -22,11 +30,11 @@ Shapes
     block_causal_mask:           [tokens, tokens] bool, True = may attend
 
 Uses
-    01_rope: causal_rope, head_dim_flag
+    01_rope: causal_rope, rotate_time, head_dim_flag
 
 Run
-    python 02_causal_attention.py   the chunked run with the KV cache (with and without a window) equals
-                                    one full pass with the block-causal mask
+    python 02_causal_attention.py   the chunked run with the KV cache (no window; a window; a window with
+                                    sink frames) equals one full pass with the block-causal mask
     torchrun --nproc_per_node=2 02_causal_attention.py   every rank checks, rank 0 prints
 """
 import importlib
@@ -58,37 +66,49 @@ def spell_setting(name, value):
     return f"{name}={value}"
 
 
-def window_problem(window_frames, chunk_frames, spell=spell_setting):
-    """What is wrong with a local window (a message), or None. `spell(name, value)` names a setting (a
+def window_problem(window_frames, chunk_frames, sink_frames=0, spell=spell_setting):
+    """What is wrong with a window and sink (a message), or None. `spell(name, value)` names a setting (a
     command line spells it as its flag)."""
-    if window_frames is not None and window_frames < chunk_frames:
-        return (f"{spell('window_frames', window_frames)} must be >= {spell('chunk_frames', chunk_frames)}: "
-                "a chunk must at least see itself")
+    if sink_frames < 0 or sink_frames % chunk_frames:
+        return (f"{spell('sink_frames', sink_frames)} must be whole chunks: a multiple of "
+                f"{spell('chunk_frames', chunk_frames)}")
+    if window_frames is not None and window_frames < sink_frames + chunk_frames:
+        return (f"{spell('window_frames', window_frames)} must be >= {spell('sink_frames', sink_frames)} + "
+                f"{spell('chunk_frames', chunk_frames)}: a chunk sees the sink and at least itself")
     return None
 
 
-def check_window(window_frames, chunk_frames):
-    problem = window_problem(window_frames, chunk_frames)
+def check_window(window_frames, chunk_frames, sink_frames=0):
+    problem = window_problem(window_frames, chunk_frames, sink_frames)
     if problem:
         raise ValueError(problem)
 
 
-def block_causal_mask(num_frames, tokens_per_frame, chunk_frames, window_frames=None):
+def sink_shift(chunk_end, window, sink):
+    """How far the sink's keys move for a chunk ending at `chunk_end` (frames, or tokens with window and
+    sink in tokens): to sit just before the window's first frame, chunk_end - (window - sink)."""
+    return max(0, chunk_end - window) if sink and window is not None else 0
+
+
+def block_causal_mask(num_frames, tokens_per_frame, chunk_frames, window_frames=None, sink_frames=0):
     """[N, N] bool: query token i may attend key token j iff j's chunk is not after i's chunk, and (with a
-    window) j lies in the last window_frames frames ending with i's chunk."""
-    check_window(window_frames, chunk_frames)
+    window) j is a sink frame or lies in the latest window_frames - sink_frames frames ending with i's
+    chunk."""
+    check_window(window_frames, chunk_frames, sink_frames)
     token_frame = torch.arange(num_frames * tokens_per_frame) // tokens_per_frame
     chunk_end_frame = (token_frame // chunk_frames + 1) * chunk_frames   # frame after the query's chunk
     query_end, key_frame = chunk_end_frame[:, None], token_frame[None, :]
     mask = key_frame < query_end
     if window_frames is not None:
-        mask &= key_frame >= query_end - window_frames
+        mask &= (key_frame < sink_frames) | (key_frame >= query_end - (window_frames - sink_frames))
     return mask
 
 
-def held_by_window(ranges, kept_from):
-    """How many tokens of the global (first, end) ranges are at or after global token `kept_from`."""
-    return sum(max(0, end - max(first, kept_from)) for first, end in ranges)
+def held_by_window(ranges, kept_from, sink_end=0):
+    """How many tokens of the global (first, end) ranges are visible: before `sink_end` or at or after
+    `kept_from`."""
+    return sum(max(0, min(end, sink_end) - first) + max(0, end - max(first, kept_from, sink_end))
+               for first, end in ranges)
 
 
 def heads_major(x):
@@ -100,57 +120,76 @@ class KVCache:
     """Keys/values of the chunks written so far, for one attention layer on one rank.
 
     Stored token-major, kv [capacity, 2, batch, heads, head_dim]; `kv[:length]` is the cached keys (kv[:, 0])
-    and values (kv[:, 1]). Bookkeeping is in Python ints (no device syncs). Every rank records the same
-    global token ranges of the committed chunks (`chunks`), so the length any rank holds can be computed
-    anywhere (stage 03's ring needs its peers' lengths); `held` says which part of each chunk this rank
-    stores (all of it here, a sequence shard under ring attention in stage 03).
+    and values (kv[:, 1]), in frame order: the sink first, then the window. Bookkeeping is in Python ints
+    (no device syncs). Every rank records the same global token ranges of the committed chunks (`chunks`),
+    so the length any rank holds can be computed anywhere (stage 03's ring needs its peers' lengths); `held`
+    says which part of each chunk this rank stores (all of it here, a sequence shard under ring attention).
 
-    One pass over a chunk: `reserve` evicts what the window no longer shows (`make_room`) and hands out the
-    slots after the cached tokens; the caller writes the chunk's k/v there and attends over the returned
-    view. Only `commit(chunk)` makes the chunk part of the cache; an uncommitted pass (a denoising step)
-    leaves it as it was. The storage is allocated once, at full capacity, and never moves (stage 06 replays
-    CUDA graphs that read it); `reset` empties the cache for the next video and keeps the storage.
+    One pass over a chunk: `reserve` evicts what the window no longer shows and moves the sink's keys
+    (`make_room`), and hands out the slots after the cached tokens; the caller writes the chunk's k/v there
+    and attends over the returned view. Only `commit(chunk)` makes the chunk part of the cache; an
+    uncommitted pass (a denoising step) leaves it as it was. The storage is allocated once, at full
+    capacity, and never moves (stage 06 replays CUDA graphs that read it); `reset` empties it for the next
+    video and `rewind` keeps only the sink (a prompt switch re-runs the window's chunks, stage 06).
     """
 
-    def __init__(self, capacity_tokens, window_tokens=None):
-        self.capacity, self.window_tokens = capacity_tokens, window_tokens
+    def __init__(self, capacity_tokens, window_tokens=None, sink_tokens=0, tokens_per_frame=1):
+        self.capacity, self.window_tokens, self.sink_tokens = capacity_tokens, window_tokens, sink_tokens
+        self.tokens_per_frame = tokens_per_frame
         self.kv = None                  # allocated at the first reserve, with the caller's shape/dtype/device
-        self.length = 0                 # tokens this rank holds
-        self.kept_from = 0              # global index of the oldest token still visible
-        self.chunks, self.held = [], [] # committed chunks, and this rank's part of each, as global ranges
+        self.reset()
 
     @classmethod
-    def for_video(cls, frames, tokens_per_frame, window_frames=None):
-        """A cache for a video of `frames` frames: room for all of them, or for the window's."""
+    def for_video(cls, frames, tokens_per_frame, window_frames=None, sink_frames=0):
+        """A cache for a video of `frames` frames: room for all of them, or for what the window shows."""
         window_tokens = None if window_frames is None else window_frames * tokens_per_frame
-        return cls(window_tokens or frames * tokens_per_frame, window_tokens)
+        capacity = frames * tokens_per_frame if window_tokens is None else min(window_tokens, frames * tokens_per_frame)
+        return cls(capacity, window_tokens, sink_frames * tokens_per_frame, tokens_per_frame)
 
     def reset(self):
         """Forget every chunk (the next video starts empty); the storage stays where it is."""
-        self.length, self.kept_from, self.chunks, self.held = 0, 0, [], []
+        self.length = 0                 # tokens this rank holds
+        self.kept_from = 0              # global index of the oldest window token still visible
+        self.chunks, self.held = [], [] # committed chunks still visible, and this rank's part of each
+        self.sink_keys = None           # the sink's keys as committed (rotated at their own frames)
+        self.sink_shift = 0             # frames the sink's keys in kv are moved by now
+
+    def rewind(self):
+        """Keep the sink, forget the window's chunks (they are about to be re-run and committed again)."""
+        kept = [i for i, (first, _) in enumerate(self.chunks) if first < self.sink_tokens]
+        self.chunks, self.held = [self.chunks[i] for i in kept], [self.held[i] for i in kept]
+        self.length = held_by_window(self.held, self.kept_from, self.sink_tokens)
 
     def held_length(self, shard_of=lambda chunk: chunk):
         """Tokens held by the rank whose part of a chunk is shard_of(chunk)."""
-        return held_by_window([shard_of(c) for c in self.chunks], self.kept_from)
+        return held_by_window([shard_of(c) for c in self.chunks], self.kept_from, self.sink_tokens)
 
     def evict_until(self, cutoff):
         if cutoff <= self.kept_from:
             return
-        drop = self.length - held_by_window(self.held, cutoff)
-        if drop:  # shift the survivors to the front (overlapping copy: clone first)
-            keep = self.length - drop
-            self.kv[:keep] = self.kv[drop:self.length].clone()
-            self.length = keep
+        sink = sum(max(0, min(end, self.sink_tokens) - first) for first, end in self.held)   # held sink tokens
+        drop = self.length - held_by_window(self.held, cutoff, self.sink_tokens)
+        if drop:  # shift the window's survivors to just after the sink (overlapping copy: clone first)
+            self.kv[sink:self.length - drop] = self.kv[sink + drop:self.length].clone()
+            self.length -= drop
         self.kept_from = cutoff
+        gone = [i for i, (first, end) in enumerate(self.chunks) if end <= cutoff and first >= self.sink_tokens]
+        for i in reversed(gone):        # bookkeeping stays as small as the window
+            del self.chunks[i], self.held[i]
 
     def make_room(self, chunk):
-        """Evict what a window no longer shows once `chunk` (global range) is generated. Idempotent: every
-        pass over the chunk may call it, and only the first moves anything."""
-        if self.window_tokens is not None:
-            if chunk[1] - chunk[0] > self.window_tokens:
-                raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
-                                 f"of {self.window_tokens}")
-            self.evict_until(chunk[1] - self.window_tokens)
+        """Evict what a window no longer shows once `chunk` (global range) is generated, and move the sink's
+        keys to sit just before the window. Idempotent: every pass over the chunk may call it."""
+        if self.window_tokens is None:
+            return
+        if chunk[1] - chunk[0] > self.window_tokens - self.sink_tokens:
+            raise ValueError(f"KVCache: a chunk of {chunk[1] - chunk[0]} tokens does not fit the window "
+                             f"of {self.window_tokens} beside a sink of {self.sink_tokens}")
+        self.evict_until(chunk[1] - (self.window_tokens - self.sink_tokens))
+        shift = sink_shift(chunk[1], self.window_tokens, self.sink_tokens) // self.tokens_per_frame
+        if shift != self.sink_shift and self.sink_keys is not None:
+            self.kv[:len(self.sink_keys), 0] = rope.rotate_time(self.sink_keys, shift)
+        self.sink_shift = shift
 
     def reserve(self, like, chunk, held=None):
         """Slots for this rank's `held` tokens (global range, default the whole `chunk`) of `chunk`.
@@ -179,11 +218,14 @@ class KVCache:
         return kv
 
     def commit(self, chunk, held=None):
-        """Keep the k/v that the last pass over `chunk` wrote into its slots (this rank's `held` part)."""
+        """Keep the k/v that the last pass over `chunk` wrote into its slots (this rank's `held` part). A sink
+        chunk's keys are also kept as written, for make_room to move."""
         held = held or chunk
         self.chunks.append(chunk)
         self.held.append(held)
         self.length += held[1] - held[0]
+        if chunk[0] < self.sink_tokens:
+            self.sink_keys = self.kv[:self.length, 0].clone()
 
 
 def chunk_attention(q, k, v, cache, chunk, attend=fast_attention):
@@ -194,15 +236,16 @@ def chunk_attention(q, k, v, cache, chunk, attend=fast_attention):
     return attend(heads_major(q), heads_major(kv[:, 0]), heads_major(kv[:, 1]))
 
 
-def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, attend=fast_attention):
+def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, sink_frames=0,
+                            attend=fast_attention):
     """The chunk loop: q, k, v [B, N, H, D] raw (not rotated) for a whole video of grid (frames, h, w);
     each chunk is rotated with its global start_frame, attends through the KV cache. Returns [B, N, H, D]."""
     frames, height, width = grid
     if frames % chunk_frames:
         raise ValueError(f"{frames} frames are not a whole number of chunks of {chunk_frames}")
-    check_window(window_frames, chunk_frames)
+    check_window(window_frames, chunk_frames, sink_frames)
     tpf = height * width
-    cache = KVCache.for_video(frames, tpf, window_frames)
+    cache = KVCache.for_video(frames, tpf, window_frames, sink_frames)
     outs = []
     for start_frame in range(0, frames, chunk_frames):
         chunk = (start_frame * tpf, (start_frame + chunk_frames) * tpf)
@@ -214,13 +257,22 @@ def chunked_video_attention(q, k, v, grid, chunk_frames, window_frames=None, att
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None):
-    """The same video in one pass: rotate all frames from 0, then attend with the block-causal mask."""
+def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None, sink_frames=0):
+    """The same video in one masked pass per chunk of queries: all frames rotated from 0, except that the
+    sink's keys sit just before each chunk's window (rotated from start frame sink_shift)."""
     frames, height, width = grid
+    tpf = height * width
     rq = rope.causal_rope(q, grid, 0).transpose(1, 2)
-    rk = rope.causal_rope(k, grid, 0).transpose(1, 2)
-    mask = block_causal_mask(frames, height * width, chunk_frames, window_frames).to(q.device)
-    return attention(rq, rk, v.transpose(1, 2), mask).transpose(1, 2)
+    mask = block_causal_mask(frames, tpf, chunk_frames, window_frames, sink_frames).to(q.device)
+    outs, sink = [], sink_frames * tpf
+    for end in range(chunk_frames, frames + 1, chunk_frames):
+        rk = rope.causal_rope(k, grid, 0)
+        shift = sink_shift(end, window_frames, sink_frames)
+        if shift:
+            rk[:, :sink] = rope.causal_rope(k[:, :sink], (sink_frames, height, width), shift)
+        rows = slice((end - chunk_frames) * tpf, end * tpf)
+        outs.append(attention(rq[:, :, rows], rk.transpose(1, 2), v.transpose(1, 2), mask[rows]))
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 def main():
@@ -232,12 +284,13 @@ def main():
     parser.add_argument("--head-dim", type=positive, default=16)
     parser.add_argument("--chunk-frames", type=positive, default=3)
     parser.add_argument("--window-frames", type=positive, default=7)
+    parser.add_argument("--sink-frames", type=non_negative, default=3)
     parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     if args.frames % args.chunk_frames:
         parser.error(f"--frames {args.frames} is not a whole number of chunks of "
                      f"--chunk-frames {args.chunk_frames}")
-    problem = window_problem(args.window_frames, args.chunk_frames,
+    problem = window_problem(args.window_frames, args.chunk_frames, args.sink_frames,
                              lambda name, value: f"--{name.replace('_', '-')} {value}")
     if problem:
         parser.error(problem)
@@ -247,11 +300,11 @@ def main():
     q, k, v = (torch.randn(1, n, args.heads, args.head_dim, dtype=torch.float64, generator=gen)
                for _ in "qkv")
     lines = []
-    for window in (None, args.window_frames):
-        want = full_pass_attention(q, k, v, grid, args.chunk_frames, window)
-        got = chunked_video_attention(q, k, v, grid, args.chunk_frames, window)
+    for window, sink in ((None, 0), (args.window_frames, 0), (args.window_frames, args.sink_frames)):
+        want = full_pass_attention(q, k, v, grid, args.chunk_frames, window, sink)
+        got = chunked_video_attention(q, k, v, grid, args.chunk_frames, window, sink)
         err = check("chunked vs masked", got, want, 1e-12)
-        lines.append(f"  window {str(window):>4s} frames: chunked (KV cache) vs one masked pass  "
+        lines.append(f"  window {str(window):>4s}, sink {sink} frames: chunked (KV cache) vs one masked pass  "
                      f"max error {err:.1e}")
     if is_rank_zero():
         print(f"02_causal_attention: {args.frames} frames of {args.height}x{args.width} tokens, "

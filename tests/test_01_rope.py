@@ -55,7 +55,6 @@ def test_table_and_on_the_fly_equal_the_formula(head_dim, frames, height, width,
 @given(head_dim=head_dims, frames=st.integers(1, 8), height=st.integers(1, 6), width=st.integers(1, 6),
        start_frame=st.integers(0, 1000), seed=st.integers(0, 2**31))
 def test_rotation_preserves_norms(head_dim, frames, height, width, start_frame, seed):
-    start_frame = min(start_frame, rope.MAX_TIME_POSITIONS - frames)
     x = randn(1, frames * height * width, 3, head_dim, seed=seed)
     y = rope.causal_rope(x, (frames, height, width), start_frame)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=0, atol=EXACT)
@@ -106,14 +105,34 @@ def test_head_dim_that_cannot_split_is_rejected(head_dim):
         rope.RopeTable(head_dim, 2, 2, 2)
 
 
-def test_start_frame_past_the_table_is_rejected():
-    table = rope.RopeTable(16, 4, 2, 2)
-    with pytest.raises(ValueError, match=r"frames 3\.\.4 are outside the RoPE table's time positions 0\.\.3"):
-        table.chunk_rows(3, 2)
-    with pytest.raises(ValueError, match="outside the RoPE table"):
-        rope.causal_rope(torch.zeros(1, 8, 1, 16), (2, 2, 2), rope.MAX_TIME_POSITIONS - 1)
-    with pytest.raises(ValueError, match="exceed the 1024 time positions"):
-        rope.RopeTable(16, 1025, 1, 1)
+@given(head_dim=head_dims, table_frames=st.integers(1, 4), frames=st.integers(1, 3), height=st.integers(1, 3),
+       width=st.integers(1, 3), start_frame=st.integers(0, 3000), seed=st.integers(0, 2**31))
+def test_rows_past_the_tables_time_rows_equal_the_formula(head_dim, table_frames, frames, height, width, start_frame,
+                                                          seed):
+    """Positions never run out: a chunk at or past the table's time rows (upstream fails past 1024) gets the
+    rows of the same formula, and a chunk straddling the table's end too."""
+    x = randn(1, frames * height * width, 2, head_dim, seed=seed)
+    table = rope.RopeTable(head_dim, table_frames, height, width, dtype=torch.float64)
+    want = rope_by_formula(x, (frames, height, width), start_frame)
+    torch.testing.assert_close(rope.apply_rope(x, *table.chunk_rows(start_frame, frames)), want, rtol=0, atol=EXACT)
+    start = max(0, table_frames - 1)
+    straddling = rope.apply_rope(x, *table.chunk_rows(start, frames))
+    torch.testing.assert_close(straddling, rope_by_formula(x, (frames, height, width), start), rtol=0, atol=EXACT)
+
+
+@given(head_dim=head_dims, start_frame=st.integers(0, 2000), moved=st.integers(0, 2000), seed=st.integers(0, 2**31))
+def test_rotate_time_moves_a_rotated_key_by_whole_frames(head_dim, start_frame, moved, seed):
+    x = randn(1, 6, 2, head_dim, seed=seed)
+    at = lambda f: rope.causal_rope(x, (1, 2, 3), f)
+    torch.testing.assert_close(rope.rotate_time(at(start_frame), moved), at(start_frame + moved), rtol=0, atol=1e-10)
+    assert (rope.rotate_time(at(start_frame), 1) - at(start_frame)).abs().max() > 1e-3
+
+
+def test_a_negative_start_frame_is_rejected():
+    with pytest.raises(ValueError, match="time positions start at 0"):
+        rope.RopeTable(16, 4, 2, 2).chunk_rows(-1, 2)
+    with pytest.raises(ValueError, match="time positions start at 0"):
+        rope.causal_rope(torch.zeros(1, 8, 1, 16), (2, 2, 2), -1)
 
 
 def test_shape_mismatches_are_rejected():

@@ -15,31 +15,54 @@ def qkv(tokens, heads, head_dim, seed):
     return [torch.randn(1, tokens, heads, head_dim, dtype=torch.float64, generator=gen) for _ in range(3)]
 
 
-@given(chunk_frames=st.integers(1, 3), chunks=st.integers(1, 4), height=st.integers(1, 3), width=st.integers(1, 3),
+@given(chunk_frames=st.integers(1, 3), chunks=st.integers(1, 7), height=st.integers(1, 3), width=st.integers(1, 3),
        heads=st.integers(1, 3), head_dim=st.sampled_from([6, 8, 12, 16]), window=st.one_of(st.none(), st.integers(0, 6)),
-       seed=st.integers(0, 2**31))
-def test_chunked_with_cache_equals_masked_full_pass(chunk_frames, chunks, height, width, heads, head_dim, window, seed):
-    frames = chunk_frames * chunks
-    window_frames = None if window is None else chunk_frames + window
+       sink_chunks=st.integers(0, 2), seed=st.integers(0, 2**31))
+def test_chunked_with_cache_equals_masked_full_pass(chunk_frames, chunks, height, width, heads, head_dim, window,
+                                                    sink_chunks, seed):
+    """With and without a window and sink frames: the bounded cache (the sink's keys moved to sit before
+    the window) equals the masked pass over the whole video."""
+    frames, sink_frames = chunk_frames * chunks, chunk_frames * sink_chunks
+    window_frames = None if window is None else sink_frames + chunk_frames + window
     q, k, v = qkv(frames * height * width, heads, head_dim, seed)
     grid = (frames, height, width)
-    want = causal.full_pass_attention(q, k, v, grid, chunk_frames, window_frames)
+    want = causal.full_pass_attention(q, k, v, grid, chunk_frames, window_frames, sink_frames)
     for attend in (causal.attention, causal.fast_attention):
-        got = causal.chunked_video_attention(q, k, v, grid, chunk_frames, window_frames, attend=attend)
+        got = causal.chunked_video_attention(q, k, v, grid, chunk_frames, window_frames, sink_frames, attend=attend)
         torch.testing.assert_close(got, want, rtol=0, atol=EXACT)
 
 
-@given(frames=st.integers(1, 8), tokens_per_frame=st.integers(1, 3), chunk_frames=st.integers(1, 3),
-       window=st.one_of(st.none(), st.integers(0, 5)))
-def test_mask_matches_its_definition(frames, tokens_per_frame, chunk_frames, window):
-    window_frames = None if window is None else chunk_frames + window
-    mask = causal.block_causal_mask(frames, tokens_per_frame, chunk_frames, window_frames)
+@given(frames=st.integers(1, 12), tokens_per_frame=st.integers(1, 3), chunk_frames=st.integers(1, 3),
+       window=st.one_of(st.none(), st.integers(0, 5)), sink_chunks=st.integers(0, 2))
+def test_mask_matches_its_definition(frames, tokens_per_frame, chunk_frames, window, sink_chunks):
+    sink_frames = chunk_frames * sink_chunks
+    window_frames = None if window is None else sink_frames + chunk_frames + window
+    mask = causal.block_causal_mask(frames, tokens_per_frame, chunk_frames, window_frames, sink_frames)
     for i in range(frames * tokens_per_frame):
         for j in range(frames * tokens_per_frame):
             fi, fj = i // tokens_per_frame, j // tokens_per_frame
             chunk_end = (fi // chunk_frames + 1) * chunk_frames
-            visible = fj < chunk_end and (window_frames is None or fj >= chunk_end - window_frames)
+            recent = window_frames is None or fj >= chunk_end - (window_frames - sink_frames)
+            visible = fj < chunk_end and (fj < sink_frames or recent)
             assert bool(mask[i, j]) == visible
+
+
+def test_a_long_stream_keeps_the_sink_and_stays_bounded():
+    """Sink 2 chunks + window 5 chunks of 4 tokens: after 200 chunks the cache holds tokens 0..7 (the sink)
+    and the last 12 tokens, in that order, at the same storage, with bookkeeping for those chunks only."""
+    cache = causal.KVCache.for_video(frames=400, tokens_per_frame=2, window_frames=10, sink_frames=4)
+    for c in range(200):
+        chunk = (c * 4, (c + 1) * 4)
+        k = torch.arange(*chunk, dtype=torch.float64).view(-1, 1, 1, 1).expand(-1, 1, 1, 6)
+        cache.extend(k, k, chunk)
+        cache.commit(chunk)
+        if c == 0:
+            storage = cache.kv.data_ptr()
+    values = cache.kv[:cache.length, 1, 0, 0, 0].tolist()
+    assert values == list(range(8)) + list(range(800 - 12, 800))
+    assert cache.kv.shape[0] == 20 and cache.kv.data_ptr() == storage and len(cache.chunks) == 2 + 3
+    cache.rewind()
+    assert cache.length == 8 and cache.chunks == [(0, 4), (4, 8)]
 
 
 def test_cache_keeps_exactly_the_window_and_uncommitted_passes_leave_it_alone():
@@ -59,8 +82,10 @@ def test_cache_keeps_exactly_the_window_and_uncommitted_passes_leave_it_alone():
 
 def test_bad_inputs_are_rejected():
     q, k, v = qkv(12, 1, 8, 0)
-    with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
+    with pytest.raises(ValueError, match="window_frames=2 must be >= sink_frames=0 \\+ chunk_frames=3"):
         causal.chunked_video_attention(q, k, v, (3, 2, 2), 3, window_frames=2)
+    with pytest.raises(ValueError, match="sink_frames=2 must be whole chunks"):
+        causal.chunked_video_attention(q, k, v, (3, 2, 2), 3, window_frames=6, sink_frames=2)
     with pytest.raises(ValueError, match="not a whole number of chunks"):
         causal.chunked_video_attention(q, k, v, (3, 2, 2), 2)
     k, v = k.transpose(0, 1), v.transpose(0, 1)                  # token-major [12, 1, 1, 8]
