@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from conftest import WORLD_SIZES
-from rank_pool import RankError, get_pool
+from rank_pool import get_pool
 
 rope = importlib.import_module("01_rope")
 sp = importlib.import_module("03_sequence_parallel")
@@ -56,11 +56,13 @@ def rotate_past_table(start_frame):
     mesh = sp.SPMesh.get(ring_degree=1)
     table = rope.RopeTable(8, 6, 2, 2, dtype=torch.float64)
     shard = mesh.token_shard(12)
-    return crsp.causal_rope_sp(torch.zeros(1, shard[1] - shard[0], 1, 8), table, start_frame, 3, shard)
+    x = torch.randn(1, 12, 1, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(start_frame))
+    return crsp.causal_rope_sp(x[:, slice(*shard)], table, start_frame, 3, shard), rope.causal_rope(x, (3, 2, 2),
+                                                                                                   start_frame)
 
 
-def test_start_frame_past_the_table_raises_on_every_rank():
-    with pytest.raises(RankError) as info:
-        get_pool(2).run(rotate_past_table, 4)
-    assert set(info.value.messages.values()) == {
-        "ValueError: frames 4..6 are outside the RoPE table's time positions 0..5"}
+@pytest.mark.parametrize("start_frame", [4, 6, 2000])
+def test_a_chunk_past_the_tables_time_rows_is_rotated_from_the_global_time_index(start_frame):
+    per_rank = get_pool(2).run(rotate_past_table, start_frame)
+    got = torch.cat([mine for mine, _ in per_rank], dim=1)
+    torch.testing.assert_close(got, per_rank[0][1], rtol=0, atol=EXACT)
