@@ -69,6 +69,8 @@ Run
         CUDA graph == eager, and 2 GPUs == 1 GPU (float32 to 1e-5; bfloat16 within bfloat16's own error)
     --exchange symm makes the all-to-alls peer copies into symmetric memory instead of NCCL calls.
 """
+import bisect
+import collections
 import contextlib
 import copy
 import functools
@@ -113,6 +115,7 @@ class ModelConfig:
     text_len: int = 512            # text tokens; shorter prompts are zero-padded
     freq_dim: int = 256            # sinusoidal timestep embedding
     eps: float = 1e-6
+    rope_frames: int = rope.MAX_TIME_POSITIONS   # time rows of the RoPE table; later ones made as needed
 
     @property
     def head_dim(self):
@@ -131,13 +134,18 @@ PRESET_SIZE = {"tiny": (64, 96), "wan-1.3b": (480, 832)}     # default video hei
 @dataclass(frozen=True)
 class VideoSpec:
     """What to generate: `frames` latent frames (4 (frames - 1) + 1 video frames) of height x width video
-    pixels, `chunk_frames` latent frames at a time; each chunk attends to the last `window_frames` latent
-    frames, its own included (None: all of them). `problem()` says what is wrong, if anything."""
+    pixels, `chunk_frames` latent frames at a time. A chunk sees `window_frames` latent frames in all
+    (None: every earlier frame): the first `sink_frames` and the latest ones, its own included (stage 02).
+    At a prompt switch the window's chunks are re-run under the new prompt; the sink keeps the K/V of the
+    prompt it was made under unless `rebuild_sink` (LongLive's global_sink is the default). `problem()`
+    says what is wrong, if anything."""
     frames: int
     height: int
     width: int
     chunk_frames: int = CHUNK_FRAMES
     window_frames: Optional[int] = None
+    sink_frames: int = 0
+    rebuild_sink: bool = False
 
     @property
     def latent_height(self):
@@ -175,10 +183,14 @@ class VideoSpec:
         if self.frames < 1 or self.frames % self.chunk_frames:
             return (f"{spell('frames', self.frames)} must be a multiple of "
                     f"{spell('chunk_frames', self.chunk_frames)} (whole chunks)")
-        if self.frames > rope.MAX_TIME_POSITIONS:
-            return (f"{spell('frames', self.frames)} exceed the RoPE table's {rope.MAX_TIME_POSITIONS} "
-                    "time positions")
-        return causal.window_problem(self.window_frames, self.chunk_frames, spell)
+        return causal.window_problem(self.window_frames, self.chunk_frames, self.sink_frames, spell)
+
+    @property
+    def cache_plan(self):
+        """What a video's KV caches are built from: (frames they hold, window, sink). Videos that share it
+        share one VideoState and its CUDA graphs, however long they run."""
+        held = self.frames if self.window_frames is None else self.window_frames
+        return held, self.window_frames, self.sink_frames
 
 
 @dataclass(frozen=True)
@@ -385,9 +397,10 @@ def rope_table(head_dim, frames, height, width, device, dtype=torch.float32):
 
 
 def video_rope_table(model, video, device):
-    """The RoPE table of a video's token grid, in the model's precision or float32 (whichever is wider)."""
+    """The RoPE table of a video's token grid (the model's rope_frames time rows; a longer video's later
+    rows are made as its chunks start), in the model's precision or float32 (whichever is wider)."""
     dtype = torch.promote_types(model.dtype, torch.float32)
-    return rope_table(model.config.head_dim, *video.grid, device, dtype)
+    return rope_table(model.config.head_dim, model.config.rope_frames, *video.grid[1:], device, dtype)
 
 
 def attention_backends(device):
@@ -405,26 +418,36 @@ def attention_backends(device):
 
 
 class VideoState:
-    """Everything one video keeps between forwards: each block's KV cache (sized for the video or its
-    window) and the text's cross-attention K/V. The model's forward reads both from here; the loop makes
+    """Everything one video keeps between forwards: each block's KV cache (built from the video's
+    cache_plan) and the text's cross-attention K/V. The model's forward reads both from here; the loop makes
     room for a chunk and commits it through here. Storage is allocated once and reused by the next video
-    of the same shape at the same addresses (CUDA graphs read it)."""
+    of the same plan at the same addresses (CUDA graphs read it)."""
 
-    def __init__(self, model, table, window_frames):
-        self.caches = [causal.KVCache.for_video(table.frames, table.tokens_per_frame, window_frames)
+    def __init__(self, model, table, cache_plan):
+        held_frames, window_frames, sink_frames = cache_plan
+        self.caches = [causal.KVCache.for_video(held_frames, table.tokens_per_frame, window_frames, sink_frames)
                        for _ in model.blocks]
         self.text_kv = None            # per block (k, v) [B, H, text_len, D]
 
     def start(self, text_kv):
-        """A new video: empty caches, this text's K/V (copied into the buffers the last video used)."""
+        """A new video: empty caches, this text's K/V."""
         for cache in self.caches:
             cache.reset()
+        self.set_text(text_kv)
+
+    def set_text(self, text_kv):
+        """This text's K/V, copied into the buffers the graphs read (the first call makes them)."""
         if self.text_kv is None:
             self.text_kv = [(k.clone(), v.clone()) for k, v in text_kv]
-        else:
-            for mine, new in zip(self.text_kv, text_kv):
-                for buffer, value in zip(mine, new):
-                    buffer.copy_(value)
+            return
+        for mine, new in zip(self.text_kv, text_kv):
+            for buffer, value in zip(mine, new):
+                buffer.copy_(value)
+
+    def rewind(self, keep_sink):
+        """Before a re-cache: forget the window's chunks (and the sink's too unless keep_sink)."""
+        for cache in self.caches:
+            cache.rewind() if keep_sink else cache.reset()
 
     def make_room(self, layout):
         """Before a chunk's first pass: a window drops what the chunk no longer sees."""
@@ -458,27 +481,73 @@ class EagerForward:
 def stream(model, text, video, mesh, seed=0, options=RunOptions()):
     """Yield the latents of each chunk of `video` (a VideoSpec), [B, 16, chunk_frames, height/8, width/8],
     on every rank, as the chunk is handed out (float32, or float64 for a float64 model). text: umT5
-    features [B, L, text_dim]. Every rank checks the run and agrees before any work (first next())."""
-    validate(model, mesh, video, text)
-    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, text.shape[0]
+    features [B, L, text_dim], or a prompt schedule [(first latent frame, features), ...] starting at frame
+    0: a chunk runs under the last prompt starting at or before its first frame, and a switch re-caches
+    (`recache`). Every rank checks the run and agrees before any work (first next())."""
+    schedule = prompt_schedule(text)
+    validate(model, mesh, video, schedule)
+    starts, C, S = [frame for frame, _ in schedule], video.chunk_frames, video.sink_frames
+    device, batch = mesh.device if mesh.world_size > 1 else next(model.parameters()).device, schedule[0][1].shape[0]
     graphs = device.type == "cuda" if options.graphs is None else options.graphs
     if graphs and device.type != "cuda":
         raise ValueError("CUDA graphs need a GPU: use graphs=False (--no-graph) on CPU")
     table = video_rope_table(model, video, device)
-    forward = chunk_forward(model, mesh, table, batch, video.window_frames, replace(options, graphs=graphs))
-    forward.state.start(model.text_context(text.to(device)))
-    noise = NoiseSource(seed, device)
+    forward = chunk_forward(model, mesh, table, batch, video.cache_plan, replace(options, graphs=graphs))
+    forward.state.start(model.text_context(schedule[0][1].to(device)))
+    noise, clean = NoiseSource(seed, device), torch.zeros(batch, C, device=device)
     out_dtype = torch.promote_types(model.dtype, torch.float32)
+    window_chunks = None if video.window_frames is None else -(-(video.window_frames - S) // C)
+    sink, recent, prompt = [], collections.deque(maxlen=window_chunks), 0   # x0 a re-cache may re-run
     with attention_backends(device):
-        for start_frame in range(0, video.frames, video.chunk_frames):
-            layout = fused.ShardLayout(mesh, table, start_frame, video.chunk_frames)
+        for start_frame in range(0, video.frames, C):
+            if prompt_of_chunk(starts, start_frame) != prompt:
+                prompt = prompt_of_chunk(starts, start_frame)
+                layouts = lambda first: fused.ShardLayout(mesh, table, first, C)
+                recache(forward, layouts, schedule[prompt][1].to(device), sink + list(recent), video, start_frame,
+                        clean)
+            layout = fused.ShardLayout(mesh, table, start_frame, C)
             forward.state.make_room(layout)
             x0 = denoise_chunk(forward, layout, noise, batch, video)                   # [B, n_local, 64]
             chunk = sp.gather_tokens(x0, mesh, layout.length)                         # hand the chunk out
-            yield unpatchify(chunk, video.chunk_frames, video.latent_height, video.latent_width).to(out_dtype)
-            if start_frame + video.chunk_frames < video.frames:   # clean-context pass (none after the last)
-                forward(x0, torch.zeros(batch, video.chunk_frames, device=device), layout)
+            yield unpatchify(chunk, C, video.latent_height, video.latent_width).to(out_dtype)
+            following = start_frame + C
+            switch_next = following < video.frames and prompt_of_chunk(starts, following) != prompt
+            redone = switch_next and (start_frame >= S or video.rebuild_sink)   # the re-cache redoes (or skips) it
+            if following < video.frames and not redone:          # clean-context pass (none after the last)
+                forward(x0, clean, layout)
                 forward.state.commit(layout)
+            if start_frame >= S:
+                recent.append((start_frame, x0))
+            elif video.rebuild_sink:
+                sink.append((start_frame, x0))
+
+
+def recache(forward, layouts, text, kept, video, start_frame, clean):
+    """A prompt switch before the chunk at `start_frame` (LongLive's KV re-cache): the new text's K/V, then
+    every kept chunk that chunk will see outside the sink (and the sink's own with rebuild_sink) run once more
+    at timestep 0 under the new prompt, oldest first, each seeing the sink and the chunks re-run before it,
+    and committed again. kept: [(first frame, x0 [B, n_local, 64])] of earlier chunks, oldest first;
+    layouts(first frame): a chunk's ShardLayout."""
+    state, C, S, W = forward.state, video.chunk_frames, video.sink_frames, video.window_frames
+    state.set_text(forward.model.text_context(text))
+    state.rewind(keep_sink=not video.rebuild_sink)
+    first_seen = S if W is None else max(S, start_frame + C - (W - S))
+    for chunk_start, x0 in kept:
+        if chunk_start + C > first_seen or (video.rebuild_sink and chunk_start < S):
+            layout = layouts(chunk_start)
+            state.make_room(layout)
+            forward(x0, clean, layout)
+            state.commit(layout)
+
+
+def prompt_schedule(text):
+    """[(first latent frame, umT5 features [B, L, text_dim])]: a tensor alone is one prompt from frame 0."""
+    return [(0, text)] if torch.is_tensor(text) else [(int(frame), features) for frame, features in text]
+
+
+def prompt_of_chunk(starts, start_frame):
+    """Which prompt a chunk starting at start_frame runs under: the last one starting at or before it."""
+    return bisect.bisect_right(starts, start_frame) - 1
 
 
 def generate(model, text, video, mesh, seed=0, options=RunOptions()):
@@ -503,18 +572,35 @@ def denoise_chunk(forward, layout, noise, batch, video):
     return x0
 
 
-def validate(model, mesh, video, text):
+def validate(model, mesh, video, schedule):
     """Every rank checks the run's configuration, then all agree (same error everywhere, before any data
     collective): also catches ranks that were given different settings or different weights."""
-    c = model.config
-    text_problem = ((text.dim() != 3 or text.shape[2] != c.text_dim or text.shape[1] > c.text_len)
-                    and f"text embedding is {tuple(text.shape)}, expected "
-                        f"[batch, <= {c.text_len}, {c.text_dim}]")
-    problem = video.problem() or text_problem or mesh.heads_problem(c.num_heads)
+    problem = (video.problem() or schedule_problem(schedule, video.chunk_frames, model.config)
+               or mesh.heads_problem(model.config.num_heads))
+    starts, text = [frame for frame, _ in schedule], schedule[0][1] if schedule else torch.zeros(0)
     mesh.agree("Self-Forcing pipeline", problem, frames=video.frames, height=video.latent_height,
-               width=video.latent_width, chunk_frames=video.chunk_frames,
-               window_frames=video.window_frames or 0,
-               batch=text.shape[0] if text.dim() else -1, weights=parameter_fingerprint(model))
+               width=video.latent_width, chunk_frames=video.chunk_frames, window_frames=video.window_frames or 0,
+               sink_frames=video.sink_frames, rebuild_sink=video.rebuild_sink, prompts=len(starts),
+               prompt_frames=hash(tuple(starts)), batch=text.shape[0] if text.dim() else -1,
+               weights=parameter_fingerprint(model))
+
+
+def schedule_problem(schedule, chunk_frames, config):
+    """What is wrong with a prompt schedule (a message), or None."""
+    if not schedule or schedule[0][0] != 0:
+        return "a prompt schedule starts with a prompt at frame 0"
+    for (frame, _), (later, _) in zip(schedule, schedule[1:]):
+        if later <= frame:
+            return f"prompt frames must increase, got {frame} then {later}"
+        if -(-frame // chunk_frames) == -(-later // chunk_frames):
+            return (f"prompts at frames {frame} and {later} would both begin with the chunk at frame "
+                    f"{-(-later // chunk_frames) * chunk_frames}; a chunk runs under one prompt")
+    for frame, text in schedule:
+        if (text.dim() != 3 or text.shape[2] != config.text_dim or text.shape[1] > config.text_len
+                or text.shape[0] != schedule[0][1].shape[0]):
+            return (f"text embedding{f' at frame {frame}' if frame else ''} is {tuple(text.shape)}, expected "
+                    f"[batch, <= {config.text_len}, {config.text_dim}] (one batch for every prompt)")
+    return None
 
 
 def parameter_fingerprint(model):
@@ -604,18 +690,18 @@ def capture_deadline(seconds, what):
 
 
 @functools.lru_cache(maxsize=4)
-def graphed_forward(model, mesh, table, batch, window_frames, options):
+def graphed_forward(model, mesh, table, batch, cache_plan, options):
     """The GraphedForward of one video shape, built at its first video and reused by every later one."""
-    return GraphedForward(model, VideoState(model, table, window_frames), options.mode, exchange_name(mesh),
+    return GraphedForward(model, VideoState(model, table, cache_plan), options.mode, exchange_name(mesh),
                           options.graph_timeout_s)
 
 
-def chunk_forward(model, mesh, table, batch, window_frames, options):
+def chunk_forward(model, mesh, table, batch, cache_plan, options):
     """What runs the model over a chunk: the shape's GraphedForward (kept across videos, with its state), or
     a fresh eager one with a fresh state."""
     if options.graphs:
-        return graphed_forward(model, mesh, table, batch, window_frames, options)
-    return EagerForward(model, VideoState(model, table, window_frames), options.mode)
+        return graphed_forward(model, mesh, table, batch, cache_plan, options)
+    return EagerForward(model, VideoState(model, table, cache_plan), options.mode)
 
 
 def exchange_name(mesh):

@@ -66,7 +66,7 @@ def run_model_chunks(mesh_shape, chunks, height, width, seed, local=False):
     gen = torch.Generator().manual_seed(seed)
     context = model.text_context(torch.randn(1, 5, model.config.text_dim, generator=gen))
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, height, width, dtype=torch.float64)
-    state = sf.VideoState(model, table, None)
+    state = sf.VideoState(model, table, (3 * chunks, None, 0))
     state.start(context)
     outs = []
     for c in range(chunks):
@@ -199,13 +199,23 @@ def test_bad_or_disagreeing_configuration_raises_on_every_rank(what, message):
     assert re.search(message, messages[0]), messages[0]
 
 
-def test_frames_past_the_rope_table_and_bad_windows_are_rejected():
+def test_bad_windows_sinks_and_prompt_schedules_are_rejected():
     model = sf.build_model("tiny", torch.float32, "cpu", 0)
     text = load_text(None, model.config, 1, 0)
     mesh = sp.SPMesh(1, 1, local=True)
-    with pytest.raises(ValueError, match="exceed the RoPE table's 1024 time positions"):
-        sf.generate(model, text, sf.VideoSpec(1026, 16, 16), mesh)
-    with pytest.raises(ValueError, match="window_frames=2 must be >= chunk_frames=3"):
+    with pytest.raises(ValueError, match=r"window_frames=5 must be >= sink_frames=3 \+ chunk_frames=3"):
+        sf.generate(model, text, sf.VideoSpec(6, 16, 16, window_frames=5, sink_frames=3), mesh)
+    with pytest.raises(ValueError, match="sink_frames=4 must be whole chunks"):
+        sf.generate(model, text, sf.VideoSpec(6, 16, 16, sink_frames=4), mesh)
+    with pytest.raises(ValueError, match="a prompt schedule starts with a prompt at frame 0"):
+        sf.generate(model, [(3, text)], sf.VideoSpec(6, 16, 16), mesh)
+    with pytest.raises(ValueError, match="prompt frames must increase, got 3 then 3"):
+        sf.generate(model, [(0, text), (3, text), (3, text)], sf.VideoSpec(6, 16, 16), mesh)
+    with pytest.raises(ValueError, match="prompts at frames 4 and 5 would both begin with the chunk at frame 6"):
+        sf.generate(model, [(0, text), (4, text), (5, text)], sf.VideoSpec(9, 16, 16), mesh)
+    with pytest.raises(ValueError, match=r"text embedding at frame 3 is \(2, 16, 32\)"):
+        sf.generate(model, [(0, text), (3, text.expand(2, -1, -1))], sf.VideoSpec(6, 16, 16), mesh)
+    with pytest.raises(ValueError, match="window_frames=2 must be >= sink_frames=0 \\+ chunk_frames=3"):
         sf.generate(model, text, sf.VideoSpec(6, 16, 16, window_frames=2), mesh)
     with pytest.raises(ValueError, match=r"frames=7 must be a multiple of chunk_frames=3 \(whole chunks\)"):
         sf.generate(model, text, sf.VideoSpec(7, 16, 16), mesh)
@@ -218,7 +228,8 @@ def graph_keys(mesh_shape, chunks, window, local=False):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, 2, 3, dtype=torch.float64)
-    forward = sf.GraphedForward(model, sf.VideoState(model, table, window), "fused", "none", 60)
+    plan = sf.VideoSpec(3 * chunks, 32, 48, window_frames=window).cache_plan
+    forward = sf.GraphedForward(model, sf.VideoState(model, table, plan), "fused", "none", 60)
     forward.state.start(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
     keys = []
     with torch.no_grad():
