@@ -226,8 +226,8 @@ def recached_chunks(start, window_frames, sink_frames, rebuild_sink):
     end = start + CHUNK_FRAMES
     low = sink_frames if window_frames is None else max(sink_frames, end - (window_frames - sink_frames))
     chunks = {f // CHUNK_FRAMES for f in range(low, start)}
-    if rebuild_sink:
-        chunks |= set(range(sink_frames // CHUNK_FRAMES))
+    if rebuild_sink:                                   # the sink's chunks made so far
+        chunks |= set(range(min(sink_frames, start) // CHUNK_FRAMES))
     return sorted(chunks)
 
 

@@ -146,3 +146,11 @@ def test_a_stream_past_the_old_limit_keeps_its_state_bounded(monkeypatch):
     assert count == 367 and latents.shape == (1, 16, 3, 2, 2) and torch.isfinite(latents).all()
     for cache, address in zip(states[0].caches, storage):
         assert cache.kv.shape[0] == 12 and cache.kv.data_ptr() == address and len(cache.chunks) <= 4
+
+
+@pytest.mark.parametrize("rebuild_sink", [False, True])
+def test_a_switch_inside_the_sink_equals_the_dense_reference(rebuild_sink):
+    """The chunk after the switch is itself a sink chunk: it is made under the new prompt."""
+    video = sf.VideoSpec(12, 16, 16, window_frames=9, sink_frames=6, rebuild_sink=rebuild_sink)
+    torch.testing.assert_close(run_stream(None, 12, video, 3, [3], 2, local=True), dense(12, video, 3, [3]),
+                               rtol=0, atol=DENSE64)
