@@ -66,16 +66,24 @@ def to_uint8(pixels):
 
 class VideoWriter:
     """Frames into an mp4 as they arrive: write(pixels [3, T, H, W] in [-1, 1]) hands them to a thread that
-    turns them into 8-bit RGB and encodes them, so the caller goes on at once (with the GPU's next chunk)."""
+    turns them into 8-bit RGB and encodes them, so the caller goes on at once (with the GPU's next chunk).
 
-    def __init__(self, path, fps=16):
+    The mp4 is fragmented, a keyframe and a fragment every second: a stream that is cut off (Ctrl-C, a full
+    disk, a dead rank, a killed process) leaves a playable file of every second written before it. At most
+    `pending` writes wait for the encoder, so a stream longer than memory stays flat: if the encoder falls
+    behind, write() waits for it."""
+
+    def __init__(self, path, fps=16, pending=8):
         import imageio.v2 as imageio
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # x264's "veryfast" preset: the encoder keeps up with the frames on one thread (its default,
         # "medium", fell a second behind a 3 s video)
-        self.writer = imageio.get_writer(path, fps=fps, macro_block_size=1, ffmpeg_params=["-preset", "veryfast"])
+        fragments = ["-g", str(fps), "-movflags", "frag_keyframe+empty_moov+default_base_moof",
+                     "-flush_packets", "1"]
+        self.writer = imageio.get_writer(path, fps=fps, macro_block_size=1,
+                                         ffmpeg_params=["-preset", "veryfast", *fragments])
         self.path, self.count, self.error = path, 0, None
-        self.queue = queue.Queue()
+        self.queue = queue.Queue(maxsize=pending)
         self.thread = threading.Thread(target=self._encode, daemon=True)
         self.thread.start()
 

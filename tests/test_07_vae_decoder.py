@@ -3,8 +3,10 @@ decoding bands of rows equal one process; the decoder equals diffusers' Autoenco
 diffusers' files load strictly."""
 import importlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -191,3 +193,22 @@ def test_frames_go_into_an_mp4_as_they_come(tmp_path):
     writer.close()
     assert writer.count == 21 and iio.imread(tmp_path / "clip.mp4").shape == (21, 16, 32, 3)
 
+
+
+def test_an_mp4_cut_off_mid_stream_plays_every_second_written_before(tmp_path):
+    """The writer's process group killed (SIGKILL: nothing gets to close the file) after 96 frames: the
+    fragmented mp4 still opens and holds the frames of its finished fragments."""
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v3 as iio
+    code = ("import sys, time, torch\nfrom support.extras import VideoWriter\n"
+            f"writer = VideoWriter({str(tmp_path / 'cut.mp4')!r})\n"
+            "for _ in range(8):\n    writer.write(torch.rand(3, 12, 32, 48) * 2 - 1)\n"
+            "while writer.count < 96:\n    time.sleep(0.05)\n"
+            "print('written', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "written"
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert iio.imread(tmp_path / "cut.mp4").shape[0] >= 64          # 4 of the 6 one-second fragments, at least
