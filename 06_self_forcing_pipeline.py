@@ -550,6 +550,16 @@ def prompt_of_chunk(starts, start_frame):
     return bisect.bisect_right(starts, start_frame) - 1
 
 
+def warm_up_video(video):
+    """The shortest video whose chunks see every cache length that `video`'s chunks will see (the CUDA
+    graphs' keys; a re-cache sees the lengths of the video's first chunks): up to the first chunk that sees
+    a full window, however long `video` runs; the whole video without a window."""
+    if video.window_frames is None:
+        return video
+    C = video.chunk_frames
+    return replace(video, frames=min(video.frames, -(-video.window_frames // C) * C))
+
+
 def generate(model, text, video, mesh, seed=0, options=RunOptions()):
     """The whole video's latents [B, 16, frames, height/8, width/8]: stream's chunks, concatenated."""
     return torch.cat(list(stream(model, text, video, mesh, seed, options)), dim=2)

@@ -154,3 +154,30 @@ def test_a_switch_inside_the_sink_equals_the_dense_reference(rebuild_sink):
     video = sf.VideoSpec(12, 16, 16, window_frames=9, sink_frames=6, rebuild_sink=rebuild_sink)
     torch.testing.assert_close(run_stream(None, 12, video, 3, [3], 2, local=True), dense(12, video, 3, [3]),
                                rtol=0, atol=DENSE64)
+
+
+def cache_keys(video, switches=()):
+    """Every chunk's CUDA-graph key (VideoState.visible) in a stream, re-cache passes included, on one rank."""
+    model, mesh = sf.build_model("tiny", torch.float32, "cpu", 0), sp.SPMesh(1, 1, local=True)
+    keys, visible = set(), sf.VideoState.visible
+
+    def record(state, layout):
+        keys.add(visible(state, layout))
+        return keys
+    prompts = [(0, load_text(None, model.config, 1, 0))] + [(f, load_text(None, model.config, 1, 1)) for f in switches]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sf.VideoState, "visible", record)
+        patch.setattr(sf.EagerForward, "__call__", lambda forward, x, t, layout: (
+            forward.state.visible(layout), forward.model(x, t, layout, forward.state, forward.mode))[1])
+        list(sf.stream(model, prompts, video, mesh, options=sf.RunOptions(graphs=False)))
+    return keys
+
+
+@pytest.mark.parametrize("window, sink, rebuild", [(12, 3, False), (9, 0, False), (10, 3, True), (15, 6, False)])
+def test_the_warm_up_sees_every_cache_length_of_a_stream_of_any_length(window, sink, rebuild):
+    """So a stream's warm-up (compile, capture) takes the same time for a minute or an hour of video."""
+    video = sf.VideoSpec(120, 16, 16, window_frames=window, sink_frames=sink, rebuild_sink=rebuild)
+    warm = sf.warm_up_video(video)
+    assert warm.frames <= window + 2 and warm.cache_plan == video.cache_plan
+    assert cache_keys(video, [30, 61, 90]) == cache_keys(warm)
+    assert cache_keys(video) != cache_keys(dataclasses.replace(warm, frames=warm.frames - 3))   # no shorter one
