@@ -1,5 +1,6 @@
 """Timing and comparison. Every time printed is measured after the GPU work it names has finished: CUDA
 events (or a synchronize) on GPU, with warm-up apart; plain clocks on CPU."""
+import os
 import statistics
 import time
 
@@ -114,3 +115,36 @@ def host_and_kernel_ms(fn, repeats=10):
 def relative_rms(got, want):
     """||got - want|| / ||want|| over all elements, in float64."""
     return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
+
+
+def host_rss_gib():
+    """This process's resident host memory now, in GiB (Linux's /proc; 0.0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return 0.0
+
+
+class MinuteReport:
+    """A long stream's health, one line per minute of video as it is made: that minute's frames per second,
+    the peak GPU memory during it and the host's resident memory at its end. Flat memory shows as equal
+    lines. `add(frames, seconds)`: `frames` more frames reached the viewer `seconds` after the start."""
+
+    def __init__(self, fps, device, show=True):
+        self.fps, self.cuda, self.show = fps, torch.device(device).type == "cuda", show
+        self.frames, self.minute_start, self.rows = 0, 0.0, []
+
+    def add(self, frames, seconds):
+        self.frames += frames
+        while self.frames >= (len(self.rows) + 1) * 60 * self.fps:
+            spent = seconds - self.minute_start
+            gpu = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0
+            self.rows.append((60 * self.fps / spent, gpu, host_rss_gib()))
+            if self.show:
+                fps, gpu, host = self.rows[-1]
+                print(f"  minute {len(self.rows)}: {fps:.1f} FPS, peak GPU memory {gpu:.2f} GiB, host RSS "
+                      f"{host:.2f} GiB", flush=True)
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            self.minute_start = seconds

@@ -90,3 +90,12 @@ def test_a_cpu_clock_marks_in_order():
     clock.record()
     first, second = clock.seconds()
     assert 0 <= first <= second
+
+
+def test_a_minute_report_has_one_row_per_minute_of_video(capsys):
+    from support.timing import MinuteReport
+    report = MinuteReport(fps=16, device="cpu")
+    for chunk in range(1, 200):                       # 12 frames every half second: 24 FPS
+        report.add(12, chunk * 0.5)
+    assert len(report.rows) == 199 * 12 // 960 and all(abs(fps - 24) < 0.5 for fps, _, _ in report.rows)
+    assert capsys.readouterr().out.startswith("  minute 1: 24.")
