@@ -51,8 +51,9 @@ Settings
 Uses
     01_rope: RopeTable, MAX_TIME_POSITIONS
     02_causal_attention: KVCache, spell_setting, window_problem
-    03_sequence_parallel: commit_chunk, gather_tokens, ring_shard_of, world, finish_distributed
-    05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, rms_norm, on_device
+    03_sequence_parallel: commit_chunk, gather_tokens, ring_shard_of, world, finish_distributed, SPMesh,
+        init_distributed, mesh_shape, factorizations
+    05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, rms_norm, compiled, MODES
 
 Run
     python 06_self_forcing_pipeline.py                              tiny preset, one process
@@ -75,8 +76,8 @@ import functools
 import gc
 import importlib
 import math
+import os
 import struct
-import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -85,8 +86,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from support import pipeline_cli, weights
-from support.harness import Deadline, run_main
+from support import extras, files, weights
+from support.harness import BadInput, Deadline, Parser, check, non_negative, positive, run_main
+from support.timing import Clock
 
 rope = importlib.import_module("01_rope")
 causal = importlib.import_module("02_causal_attention")
@@ -183,9 +185,8 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the loop runs (not what it computes): stage 05's attention `mode`, CUDA `graphs` (None: on GPU)
-    and how long a graph capture may take before every rank stops."""
-    mode: str = "fused"
+    """How the loop runs (not what it computes): CUDA `graphs` (None: on GPU) and how long a graph capture
+    may take before every rank stops."""
     graphs: Optional[bool] = None
     graph_timeout_s: float = 300.0
 
@@ -201,10 +202,12 @@ def sinusoidal_embedding(dim, positions):
 
 
 class LayerNorm(nn.LayerNorm):
-    """Wan's LayerNorm: computed in float32 (or wider), cast back."""
+    """Wan's LayerNorm: computed in float32 (or wider), its weights too, cast back."""
 
     def forward(self, x):
-        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type_as(x)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        weight, bias = (None if p is None else p.to(xf.dtype) for p in (self.weight, self.bias))
+        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class CrossAttention(nn.Module):
@@ -223,16 +226,19 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, ffn_dim, num_heads, eps=1e-6):
+    def __init__(self, dim, ffn_dim, num_heads, eps=1e-6, mode="fused", compile=False):
+        """mode: stage 05's attention layer; compile (for a GPU): the code around it through torch.compile."""
         super().__init__()
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = fused.CausalSelfAttention(dim, num_heads, eps)
+        self.self_attn = fused.CausalSelfAttention(dim, num_heads, eps, mode, compile)
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, num_heads, eps)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.around_attention = tuple(fused.compiled(f) if compile else f
+                                      for f in (Block.pre_attention, Block.post_attention))
 
     def modulated(self, norm, x, e, frame_index, which):
         """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale) = e[.., which:which+2]."""
@@ -263,10 +269,11 @@ class Block(nn.Module):
         ffn = self.feed_forward(self.modulated(self.norm2, x, e, frame_index, 3))
         return x + ffn * self.gate(e, frame_index, 5)
 
-    def forward(self, x, e, layout, cache, context_kv, mode="fused"):
-        h = fused.on_device(Block.pre_attention, x)(self, x, e, layout.frame_index)
-        y = self.self_attn(h, layout, cache, mode=mode)       # writes the chunk's K/V to the cache slots
-        return fused.on_device(Block.post_attention, x)(self, x, y, e, layout.frame_index, context_kv)
+    def forward(self, x, e, layout, cache, context_kv):
+        pre_attention, post_attention = self.around_attention
+        h = pre_attention(self, x, e, layout.frame_index)
+        y = self.self_attn(h, layout, cache)                  # writes the chunk's K/V to the cache slots
+        return post_attention(self, x, y, e, layout.frame_index, context_kv)
 
 
 class Head(nn.Module):
@@ -285,7 +292,7 @@ class Head(nn.Module):
 class CausalWanModel(nn.Module):
     """Wan2.1 DiT, causal, sequence-parallel. forward(tokens of this rank's shard) -> predicted flow."""
 
-    def __init__(self, config):
+    def __init__(self, config, mode="fused", compile=False):
         super().__init__()
         self.config = c = config
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=PATCH, stride=PATCH)
@@ -293,7 +300,7 @@ class CausalWanModel(nn.Module):
                                             nn.Linear(c.dim, c.dim))
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
-        self.blocks = nn.ModuleList([Block(c.dim, c.ffn_dim, c.num_heads, c.eps)
+        self.blocks = nn.ModuleList([Block(c.dim, c.ffn_dim, c.num_heads, c.eps, mode, compile)
                                      for _ in range(c.num_layers)])
         self.head = Head(c.dim, math.prod(PATCH) * c.out_dim, c.eps)
         # The RoPE table is not a parameter or buffer (as upstream): real checkpoints load strictly.
@@ -318,7 +325,7 @@ class CausalWanModel(nn.Module):
         heads = lambda t: t.unflatten(-1, (c.num_heads, -1)).transpose(1, 2)     # [B, L, dim] -> [B, H, L, D]
         return [(heads(k[:, :, i]), heads(kv[:, :, i, 1])) for i in range(len(attns))]
 
-    def forward(self, tokens, timestep, layout, state, mode="fused"):
+    def forward(self, tokens, timestep, layout, state):
         """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk;
         `state` is the video's VideoState (its blocks' KV caches and text K/V). Returns the predicted flow
         [B, n_local, 64] in float32 (or float64). Every block writes the chunk's K/V into its cache's slots
@@ -332,7 +339,7 @@ class CausalWanModel(nn.Module):
         e6 = self.time_projection(e).unflatten(1, (6, self.config.dim))              # [B*F, 6, dim]
         e6 = e6.unflatten(0, timestep.shape)                                           # [B, F, 6, dim]
         for block, cache, context_kv in zip(self.blocks, state.caches, state.text_kv):
-            x = block(x, e6, layout, cache, context_kv, mode)
+            x = block(x, e6, layout, cache, context_kv)
         flow = self.head(x, e.unflatten(0, timestep.shape), layout.frame_index)
         return flow.to(torch.promote_types(self.dtype, torch.float32))
 
@@ -447,11 +454,11 @@ class VideoState:
 class EagerForward:
     """The model forward over a chunk, launched kernel by kernel from Python (CPU, tests, --no-graph)."""
 
-    def __init__(self, model, state, mode):
-        self.model, self.state, self.mode = model, state, mode
+    def __init__(self, model, state):
+        self.model, self.state = model, state
 
     def __call__(self, x, timestep, layout):
-        return self.model(x, timestep, layout, self.state, self.mode)
+        return self.model(x, timestep, layout, self.state)
 
 
 @torch.no_grad()
@@ -551,8 +558,8 @@ class GraphedForward(EagerForward):
     video shape (`graphed_forward`), and later videos only replay.
     """
 
-    def __init__(self, model, state, mode, exchange, timeout_s):
-        super().__init__(model, state, mode)
+    def __init__(self, model, state, exchange, timeout_s):
+        super().__init__(model, state)
         self.exchange, self.timeout_s = exchange, timeout_s
         self.graphs = {}            # visible-cache key -> (graph, output buffer)
         self.pool = None            # one memory pool for all of them: they never run at the same time
@@ -578,7 +585,7 @@ class GraphedForward(EagerForward):
         return output
 
     def capture(self, x, timestep, layout):
-        run = lambda: self.model(x, timestep, layout, self.state, self.mode)
+        run = lambda: self.model(x, timestep, layout, self.state)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):   # warm-up, off the capture: compile, NCCL connections, cuDNN plans
@@ -606,7 +613,7 @@ def capture_deadline(seconds, what):
 @functools.lru_cache(maxsize=4)
 def graphed_forward(model, mesh, table, batch, window_frames, options):
     """The GraphedForward of one video shape, built at its first video and reused by every later one."""
-    return GraphedForward(model, VideoState(model, table, window_frames), options.mode, exchange_name(mesh),
+    return GraphedForward(model, VideoState(model, table, window_frames), exchange_name(mesh),
                           options.graph_timeout_s)
 
 
@@ -615,7 +622,7 @@ def chunk_forward(model, mesh, table, batch, window_frames, options):
     a fresh eager one with a fresh state."""
     if options.graphs:
         return graphed_forward(model, mesh, table, batch, window_frames, options)
-    return EagerForward(model, VideoState(model, table, window_frames), options.mode)
+    return EagerForward(model, VideoState(model, table, window_frames))
 
 
 def exchange_name(mesh):
@@ -633,15 +640,283 @@ def finish(timeout_s=120):
 
 # ----------------------------------------------------------------------------- weights
 
-def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
-    """The model of a preset (a PRESETS name) in `dtype` on `device`: random weights from `seed` (the same on
-    every rank), or a checkpoint's, in any form support/weights.py reads, loaded strictly."""
+def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused"):
+    """The model of a preset (a PRESETS name) in `dtype` on `device`, with stage 05's attention `mode`:
+    random weights from `seed` (the same on every rank), or a checkpoint's (support/weights.py), loaded
+    strictly. On a GPU the code around attention runs compiled."""
     torch.manual_seed(seed)
-    model = CausalWanModel(PRESETS[preset]).to(dtype)          # load in the dtype asked for, not through float32
+    on_gpu = torch.device(device).type == "cuda"
+    model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
     if checkpoint:
         weights.load_dit(model, checkpoint, use_ema)
     return model.to(device).eval()
 
 
+# ----------------------------------------------------------------------------- the program
+
+def video_flops(config, video):
+    """Multiply-adds x 2 of a whole video: 4 denoising passes per chunk and a clean-context pass for all but
+    the last, each over a chunk's tokens attending to the cache (no window) and the text."""
+    tokens, total = video.chunk_frames * video.tokens_per_frame, 0
+    for c in range(video.num_chunks):
+        passes = len(DENOISING_STEPS) + (c + 1 < video.num_chunks)
+        total += passes * forward_flops(config, tokens, (c + 1) * tokens)
+    return total
+
+
+def forward_flops(config, tokens, visible_keys):
+    """One forward: the linear layers (text K/V excluded: once per video), self- and cross-attention."""
+    linear = 2 * tokens * (6 * config.dim ** 2 + 2 * config.dim * config.ffn_dim)   # q k v o, cross q o, ffn
+    attention = 4 * tokens * (visible_keys + config.text_len) * config.dim      # QK^T, PV: self + cross
+    return config.num_layers * (linear + attention)
+
+
+def cpu_estimate(config, video):
+    """(a line on what a CPU run costs where that is over 100x the tiny preset's default run, else None;
+    its minutes at a few tens of GFLOP/s)."""
+    flops = video_flops(config, video)
+    scale = video_flops(PRESETS["tiny"], VideoSpec(21, *PRESET_SIZE["tiny"]))
+    minutes = flops / 30e9 / 60
+    parameters = config.num_layers * (8 * config.dim ** 2 + 2 * config.dim * config.ffn_dim) + config.text_dim * config.dim
+    gib = 4 * (parameters + config.num_layers * video.frames * video.tokens_per_frame * 2 * config.dim) / 2**30
+    line = (f"this CPU run needs about {flops / 1e12:,.1f} TFLOP and {gib:.1f} GiB of float32 weights and cache "
+            f"({flops / scale:,.0f}x the tiny preset's default run): at a few tens of GFLOP/s "
+            f"{f'about {minutes:,.0f} min' if minutes >= 1 else 'under a minute'}")
+    return line if flops >= 100 * scale else None, minutes
+
+
+def parser(doc=__doc__, output="out/latents.pt"):
+    """06's flags, in groups; stage 07 and the bench and verify programs add theirs."""
+    p = Parser(doc, flag_problem)
+    video = p.add_argument_group("the video")
+    video.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    video.add_argument("--frames", type=positive, default=21, help="latent frames (21 = 81 video frames)")
+    video.add_argument("--height", type=positive, default=None, help="video height in pixels (preset default)")
+    video.add_argument("--width", type=positive, default=None, help="video width in pixels (preset default)")
+    video.add_argument("--window-frames", type=positive, default=None, help="local attention window (latent frames)")
+    video.add_argument("--seed", type=non_negative, default=0)
+    inputs = p.add_argument_group("weights, text and output")
+    inputs.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt, safetensors or a diffusers release "
+                                             "(random weights when absent)")
+    inputs.add_argument("--use-ema", action="store_true", help="take 'generator_ema' from a Self-Forcing file")
+    inputs.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
+    inputs.add_argument("--prompt", help="a text prompt, encoded with the umT5 of --wan-folder (optional packages)")
+    inputs.add_argument("--wan-folder", help="a local Wan2.1 diffusers release (text_encoder/, tokenizer/)")
+    inputs.add_argument("--output", default=output, help=f"where the result is saved (default {output})")
+    how = p.add_argument_group("how it runs")
+    how.add_argument("--ring", type=positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
+    how.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                     help="default bfloat16 on GPU, float32 on CPU")
+    how.add_argument("--mode", choices=fused.MODES, default="fused", help="stage 05's attention layer")
+    how.add_argument("--no-graph", action="store_true",
+                     help="GPU: launch every kernel from Python instead of replaying CUDA graphs")
+    how.add_argument("--exchange", choices=["nccl", "symm"], default="nccl",
+                     help="GPU: the Ulysses all-to-all as NCCL calls, or as peer copies into symmetric memory")
+    how.add_argument("--graph-timeout", type=float, default=300,
+                     help="seconds a CUDA graph capture and its first replay may take before every rank stops")
+    how.add_argument("--allow-cpu", action="store_true",
+                     help="run on the CPU even where that takes over 100x the tiny preset's default run")
+    return p
+
+
+def flag_spelling(name, value):
+    """A setting named as its flag: --window-frames 2; settings that are no flag are named by value."""
+    flags = {"frames", "height", "width", "window_frames"}
+    return f"--{name.replace('_', '-')} {value}" if name in flags else f"{value}"
+
+
+def video_spec(args):
+    """The video the flags ask for: the preset's size unless --height / --width say otherwise."""
+    height, width = PRESET_SIZE[args.preset]
+    return VideoSpec(args.frames, args.height or height, args.width or width, window_frames=args.window_frames)
+
+
+def flag_problem(args):
+    """What is wrong with the flags alone (a message), found alike on every rank before any set-up."""
+    named = [f for f in ("checkpoint", "text_embedding", "prompt", "wan_folder", "output", "vae", "video")
+             if getattr(args, f, None) is not None and not getattr(args, f).strip()]
+    if named:
+        return f"--{named[0].replace('_', '-')} is empty"
+    problem = video_spec(args).problem(spell=flag_spelling)
+    if problem:
+        return problem
+    heads, world_size = PRESETS[args.preset].num_heads, int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ring is not None and (world_size % args.ring or heads % (world_size // args.ring)):
+        return (f"--ring {args.ring} does not fit {world_size} rank(s): the ring degree must divide the world "
+                f"size, and the rest (the Ulysses degree) the {heads} heads; choose from "
+                f"{[r for _, r in sp.factorizations(world_size, heads)]}")
+    if args.seed >= 2**63:
+        return f"--seed {args.seed} is too large (at most {2**63 - 1})"
+    if not 1 <= args.graph_timeout <= 1e6:
+        return f"--graph-timeout must be a number of seconds from 1 to 1000000, got {args.graph_timeout}"
+    if args.wan_folder and not args.prompt:
+        return "--wan-folder is read only with --prompt"
+    problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding, getattr(args, "video", None))
+    if problem or torch.cuda.is_available():
+        return problem
+    if args.exchange == "symm":
+        return "--exchange symm needs GPUs (symmetric memory is CUDA memory)"
+    estimate, minutes = cpu_estimate(PRESETS[args.preset], video_spec(args))
+    if (args.preset != "tiny" or minutes > 10) and not args.allow_cpu:
+        if estimate is None:
+            return f"no GPU here: --preset {args.preset} is the real model, slow on a CPU; --allow-cpu runs it anyway"
+        return (f"no GPU here: {estimate}; a smaller --height/--width/--frames fits the CPU, or --allow-cpu runs "
+                "it anyway")
+    return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One command's flags and what they set up on this rank."""
+    name: str                      # the program, as its one-line errors name it
+    args: object
+    video: VideoSpec
+    device: torch.device
+    mesh: object
+    dtype: torch.dtype
+    options: RunOptions
+
+    @property
+    def show(self):
+        return self.mesh.rank == 0
+
+    def describe(self):
+        a, m = self.args, self.mesh
+        gpu = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        return (f"{a.preset}, {m.world_size} x {gpu} (ulysses {m.ulysses_degree} x ring {m.ring_degree}), "
+                f"{self.dtype}, {self.video.frames} latent frames at {self.video.height}x{self.video.width}"
+                f"{', CUDA graphs' if self.options.graphs else ''}")
+
+
+def set_up(args, name, needs_gpus=None):
+    """Join the job and build the mesh the flags ask for. needs_gpus names what needs a GPU per rank."""
+    real = args.preset != "tiny" and not args.allow_cpu
+    needs_gpus = needs_gpus or ("--exchange symm" if args.exchange == "symm" else None) or (
+        f"--preset {args.preset}" if real else None)
+    device = sp.init_distributed(needs_gpus=needs_gpus)
+    mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], PRESETS[args.preset].num_heads, args.ring), device=device)
+    if args.exchange == "symm":
+        mesh.use_symmetric_memory()
+    estimate = cpu_estimate(PRESETS[args.preset], video_spec(args))[0] if device.type == "cpu" else None
+    if estimate and mesh.rank == 0:
+        print(f"note: {estimate}", flush=True)
+    options = RunOptions(device.type == "cuda" and not args.no_graph, args.graph_timeout)
+    return Run(name, args, video_spec(args), device, mesh, chosen_dtype(args.dtype, device), options)
+
+
+def chosen_dtype(name, device):
+    """A --dtype flag's torch dtype; unset, bfloat16 on GPU and float32 on CPU."""
+    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def read_inputs(run, *more, outputs=("output",)):
+    """The model and the text features, and what each of `more` builds (stage 07's decoder), with rank 0's
+    outputs tried by creating them: every rank ends with the same one-line error, or all go on."""
+    a = run.args
+    problem, built = None, [None, None] + [None] * len(more)
+    if run.show:
+        paths = [(f"--{flag}", getattr(a, flag)) for flag in outputs if getattr(a, flag, None)]
+        problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
+    try:
+        built[0] = model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode)
+        built[1] = weights.load_text(a.text_embedding, model.config, 1, a.seed)
+        built[2:] = [build() for build in more]
+    except BadInput as e:
+        problem = problem or str(e)
+    agree(run, problem)
+    if a.prompt:
+        clock = Clock(run.device)
+        built[1] = extras.prompt_features(a.wan_folder, a.prompt, model.config.text_len, run.device, run.mesh)
+        if run.show:
+            print(f"prompt: {built[1].shape[1]} umT5 tokens in {clock.mark():.1f} s (not in the figures below)")
+    return built
+
+
+def agree(run, problem):
+    """Every rank raises the same one-line BadInput if any rank has a problem (one process: its own line)."""
+    if run.mesh.world_size > 1:
+        run.mesh.agree(run.name, problem)
+    elif problem:
+        raise BadInput(problem)
+
+
+def save_on_rank_zero(run, result, problem=None):
+    """Rank 0 saves result() to --output; a failed save, or rank 0's earlier `problem` (an mp4 that could not
+    be written), ends every rank with its one line, after the result is kept."""
+    if run.show:
+        try:
+            files.save(result(), run.args.output)
+        except BadInput as e:
+            problem = problem or str(e)
+    agree(run, problem)
+
+
+def time_stream(chunks, device, wait_each=False):
+    """Drain a stream: (its chunks, seconds from the call to each hand-out on the device's timeline).
+    wait_each: the host also waits for every chunk, as a consumer copying each to the host must."""
+    clock, kept = Clock(device), []
+    for chunk in chunks:
+        clock.record()
+        if wait_each and device.type == "cuda":
+            torch.cuda.synchronize()
+        kept.append(chunk)
+    return kept, clock.seconds()
+
+
+def warm_up(run, fn):
+    """On GPU, run fn once untimed (compile, capture, as a server would before its first request)."""
+    if run.device.type != "cuda":
+        return None
+    clock = Clock(run.device)
+    fn()
+    return clock.mark()
+
+
+def first_chunk_video(video):
+    return VideoSpec(CHUNK_FRAMES, video.height, video.width, window_frames=video.window_frames)
+
+
+def tolerance(dtype):
+    """What the main jobs' self-checks accept: reordered sums in float64 and float32; in bfloat16, a few
+    roundings of values up to ~1 (pixels) or ~3 (latents)."""
+    return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
+
+
+def compare_with_one_process(run, run_alone, sharded, what):
+    """With several ranks on the tiny preset (cheap there): the first chunk's result against one process."""
+    if run.mesh.world_size == 1 or run.args.preset != "tiny":
+        return
+    error = check(f"{what} on {run.mesh.world_size} ranks vs one process", sharded,
+                  run_alone(sp.SPMesh(1, 1, run.device, local=True)), tolerance(sharded.dtype))
+    if run.show:
+        print(f"  first chunk's {what} on {run.mesh.world_size} ranks vs one process: max error {error:.1e} "
+              f"({sharded.dtype})")
+
+
+def main(argv=None):
+    """The main job: a video's latents (after an untimed warm-up video on GPU), its first chunk's latency and
+    whole time on the device's timeline, saved on rank 0."""
+    run = set_up(parser().parse_args(argv), "06_self_forcing_pipeline")
+    a, video = run.args, run.video
+    model, text = read_inputs(run)
+    latents_stream = lambda: stream(model, text, video, run.mesh, a.seed, run.options)
+    warmup_s = warm_up(run, lambda: list(latents_stream()))
+    chunks, marks = time_stream(latents_stream(), run.device)
+    latents = torch.cat(chunks, dim=2)                                          # [B, 16, F, H/8, W/8]
+    save_on_rank_zero(run, lambda: {"latents": latents.cpu(), "frames": video.frames, "height": video.height,
+                                    "width": video.width, "seed": a.seed, "preset": a.preset})
+    if run.show:
+        print(f"{run.name}: {run.describe()}")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        print(f"  first chunk {marks[0] * 1e3:.1f} ms, total {marks[-1]:.3f} s, {video.video_frames} video frames "
+              f"-> {video.video_frames / marks[-1]:.1f} FPS (latents); latents {tuple(latents.shape)} saved to "
+              f"{a.output}")
+    compare_with_one_process(run, lambda one: generate(model, text, first_chunk_video(video), one, a.seed,
+                                                       run.options), latents[:, :, :CHUNK_FRAMES], "latents")
+    finish(a.graph_timeout)
+
+
 if __name__ == "__main__":
-    run_main(lambda: pipeline_cli.main(sys.modules[__name__]))
+    run_main(main)
+

@@ -43,8 +43,10 @@ Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
 
 Uses
     03_sequence_parallel: shard_bounds, gather_shards
-    05_fused_comm: on_device
-    06_self_forcing_pipeline: VAE_STRIDE
+    05_fused_comm: compiled
+    06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
+        generate, warm_up, save_on_rank_zero, tolerance, compare_with_one_process, first_chunk_video,
+        CHUNK_FRAMES, finish
 
 Run
     python 07_vae_decoder.py                      the tiny pipeline, decoded as it streams: frames, the
@@ -57,8 +59,9 @@ Run
     --vae Wan2.1_VAE.pth (or a diffusers release's vae/ folder) loads real weights; --video out.mp4 writes
     the frames as they come (optional package imageio with imageio-ffmpeg).
 """
+import functools
 import importlib
-import sys
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +69,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from support import pipeline_cli, weights
-from support.harness import BadInput, run_main
+from support import extras, weights
+from support.harness import BadInput, check, run_main
+from support.timing import Clock
 
 sp = importlib.import_module("03_sequence_parallel")
 fused = importlib.import_module("05_fused_comm")
@@ -124,7 +128,7 @@ class RowBands:
         if mesh.world_size == 1:
             return cls(rows)
         cls(rows, mesh.world_size)          # every rank raises the same BadInput here, before the group
-        return cls(rows, mesh.world_size, mesh.rank, mesh.side_group())
+        return cls(rows, mesh.world_size, mesh.rank, side_group(mesh))
 
     def band(self):
         """This rank's latent rows, [first, end)."""
@@ -165,6 +169,14 @@ class RowBands:
         return sp.gather_shards(x, [(b - a) * scale for a, b in self.bounds], dim=3, group=self.group)
 
 
+@functools.lru_cache(maxsize=None)
+def side_group(mesh):
+    """A second process group of all the mesh's ranks (collective: every rank makes the first call). The
+    decoder may run on a CUDA stream beside the DiT's, and two streams must not share one NCCL communicator:
+    their calls could interleave differently on different ranks and hang."""
+    return dist.new_group(list(range(mesh.world_size)))
+
+
 # ----------------------------------------------------------------------------- the decoder's layers
 
 def rms_norm(x, gamma, eps=1e-12):
@@ -183,11 +195,12 @@ class RMSNorm(nn.Module):
     def __init__(self, dim, images=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+        self.norm_silu = norm_silu                  # build_decoder compiles it for a GPU
 
     def forward(self, x, silu=False):
-        """The norm (then SiLU, if asked) of x [B, C, T, H, W]; on GPU one compiled kernel for both."""
+        """The norm (then SiLU, if asked) of x [B, C, T, H, W]."""
         gamma = self.gamma.view(-1, 1, 1, 1)
-        return fused.on_device(norm_silu, x, dynamic=True)(x, gamma) if silu else rms_norm(x, gamma)
+        return self.norm_silu(x, gamma) if silu else rms_norm(x, gamma)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -406,13 +419,114 @@ def wait(pending):
 
 def build_decoder(preset, dtype, device, seed, path=None):
     """The decoder of a DECODER_PRESETS name: random weights from `seed` (the same on every rank), or a Wan
-    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly."""
+    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly. On a GPU each RMS norm +
+    SiLU runs as one compiled kernel (one compilation for every shape)."""
     torch.manual_seed(seed)
     vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
+    if torch.device(device).type == "cuda":
+        for norm in vae.modules():
+            if isinstance(norm, RMSNorm):
+                norm.norm_silu = fused.compiled(norm_silu, dynamic=True)
     return vae.to(device).eval()
+
+# ----------------------------------------------------------------------------- the program
+
+def parser():
+    """06's flags, and the decoder's."""
+    p = sf.parser(__doc__, output="out/frames.pt")
+    p.checks.append(flag_problem)
+    decoder = p.add_argument_group("the decoder")
+    decoder.add_argument("--decoder", choices=sorted(DECODER_PRESETS), default=None,
+                         help="the VAE decoder's shape (default: tiny for --preset tiny, else wan2.1)")
+    decoder.add_argument("--vae", help="Wan2.1_VAE.pth, or a diffusers release (or its vae/ folder): the "
+                                       "decoder's weights (random when absent)")
+    decoder.add_argument("--decoder-dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                         help="default bfloat16 on GPU, float32 on CPU")
+    decoder.add_argument("--video", help="also write the frames as they come to this mp4 (optional packages)")
+    decoder.add_argument("--overlap", action="store_true",
+                         help="GPU: decode each chunk on a CUDA stream of its own, beside the DiT's next chunk")
+    return p
+
+
+def flag_problem(args):
+    rows, world_size = sf.video_spec(args).latent_height, int(os.environ.get("WORLD_SIZE", "1"))
+    if rows < world_size:
+        return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) cannot "
+                f"feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
+    return None
+
+
+def decoder_preset(args):
+    return args.decoder or ("tiny" if args.preset == "tiny" else "wan2.1")
+
+
+def build_job_decoder(run, dtype=None):
+    """The decoder the flags ask for (--decoder-dtype, or `dtype`)."""
+    a = run.args
+    return build_decoder(decoder_preset(a), dtype or sf.chosen_dtype(a.decoder_dtype, run.device), run.device,
+                         a.seed, a.vae)
+
+
+def time_frames(run, model, text, vae, overlap, writer=None):
+    """One video, chunk by chunk into frames: (the frames, host seconds from the call to each chunk's frames
+    on the host, seconds to the end). The host holds the frames at each mark, so a mark is a true latency
+    whichever CUDA stream decoded them. The writer is closed at the end; its failure is in writer.problem."""
+    bands = RowBands.for_job(run.video.latent_height, run.mesh)
+    clock, frames, marks = Clock(run.device), [], []
+    chunks = sf.stream(model, text, run.video, run.mesh, run.args.seed, run.options)
+    for pixels in decode_stream(FrameDecoder(vae, bands), chunks, overlap):
+        marks.append(clock.host_seconds())
+        if writer:
+            writer.write(pixels[0])
+        frames.append(pixels)
+    if writer:
+        writer.problem = writer.close()
+    return frames, marks, clock.host_seconds()
+
+
+def main(argv=None):
+    """The main job: the frames as they are made (after an untimed warm-up video on GPU), the first decoded
+    frame's latency and the whole video's time, the mp4 written as frames arrive, the frames saved on rank 0."""
+    run = sf.set_up(parser().parse_args(argv), "07_vae_decoder")
+    a, video, mesh = run.args, run.video, run.mesh
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
+    model, text, vae = sf.read_inputs(run, lambda: build_job_decoder(run), outputs=("output", "video"))
+    overlap = run.device.type == "cuda" and a.overlap
+    warmup_s = sf.warm_up(run, lambda: time_frames(run, model, text, vae, overlap))
+    writer = extras.VideoWriter(a.video) if a.video and run.show else None
+    frames, marks, total = time_frames(run, model, text, vae, overlap, writer)
+    pixels = torch.cat(frames, dim=2)                                          # [B, 3, T, H, W]
+    sf.save_on_rank_zero(run, lambda: {"frames": extras.to_uint8(pixels[0]), "fps": 16, "seed": a.seed,
+                                       "preset": a.preset}, writer and writer.problem)
+    T, H, W = pixels.shape[2:]
+    if run.show:
+        print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
+              f"{', overlapped on its own CUDA stream' if overlap else ''})")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
+              f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; all {T} frames in "
+              f"{total:.3f} s -> {T / total:.1f} FPS, decoded frames [{T}, {H}, {W}, 3] saved to {a.output}"
+              f"{f', mp4 {a.video}' if writer else ''}")
+    if a.preset == "tiny":    # cheap here: decoding the whole video in one call gives the same frames
+        latents = sf.generate(model, text, video, mesh, a.seed, run.options)
+        whole = FrameDecoder(vae, RowBands.for_job(video.latent_height, mesh))(latents).cpu()
+        error = check("streamed vs whole decode", pixels, whole, sf.tolerance(vae.dtype))
+        if run.show:
+            print(f"  streamed chunk by chunk vs the whole video decoded at once: max error {error:.1e}")
+    sf.compare_with_one_process(run, lambda one: one_process_frames(run, model, text, vae, one),
+                                pixels[:, :, :4 * sf.CHUNK_FRAMES - 3], "frames")
+    sf.finish(a.graph_timeout)
+
+
+def one_process_frames(run, model, text, vae, mesh):
+    latents = sf.generate(model, text, sf.first_chunk_video(run.video), mesh, run.args.seed, run.options)
+    return FrameDecoder(vae, RowBands(run.video.latent_height))(latents).cpu()
 
 
 if __name__ == "__main__":
-    run_main(lambda: pipeline_cli.main(sf, sys.modules[__name__]))
+    run_main(main)
+

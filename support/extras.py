@@ -9,6 +9,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from support import files
+
 EXTRAS = "pip install transformers imageio imageio-ffmpeg"
 
 
@@ -71,9 +73,14 @@ class VideoWriter:
     def __init__(self, path, fps=16):
         import imageio.v2 as imageio
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # written under another name, renamed when whole (a special file, /dev/null, in place)
+        root, ext = os.path.splitext(path)
+        self.partial = path if os.path.exists(path) and not os.path.isfile(path) else f"{root}.partial{os.getpid()}{ext}"
+        files.unfinished.add(self.partial)
         # x264's "veryfast" preset: the encoder keeps up with the frames on one thread (its default,
         # "medium", fell a second behind a 3 s video)
-        self.writer = imageio.get_writer(path, fps=fps, macro_block_size=1, ffmpeg_params=["-preset", "veryfast"])
+        self.writer = imageio.get_writer(self.partial, fps=fps, macro_block_size=1,
+                                         ffmpeg_params=["-preset", "veryfast"])
         self.path, self.count, self.error = path, 0, None
         self.queue = queue.Queue()
         self.thread = threading.Thread(target=self._encode, daemon=True)
@@ -98,6 +105,11 @@ class VideoWriter:
         self.thread.join()
         try:
             self.writer.close()
+            if self.error is None and self.partial != self.path:
+                os.replace(self.partial, self.path)
         except OSError as e:
             self.error = self.error or e
+        files.unfinished.discard(self.partial)
+        if self.partial != self.path and os.path.exists(self.partial):
+            os.remove(self.partial)
         return self.error and f"--video {self.path}: writing failed ({self.error})"

@@ -218,7 +218,7 @@ def graph_keys(mesh_shape, chunks, window, local=False):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, 2, 3, dtype=torch.float64)
-    forward = sf.GraphedForward(model, sf.VideoState(model, table, window), "fused", "none", 60)
+    forward = sf.GraphedForward(model, sf.VideoState(model, table, window), "none", 60)
     forward.state.start(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
     keys = []
     with torch.no_grad():
