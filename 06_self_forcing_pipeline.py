@@ -1,52 +1,34 @@
 """Stage 06 -- the Self-Forcing pipeline: chunk-by-chunk, KV-cached, 4-step video generation, on N ranks.
 
 The idea
-    Self-Forcing distils Wan2.1-T2V-1.3B into a causal generator that makes a video's latents a chunk of
-    3 latent frames at a time, in 4 denoising steps per chunk:
+    Self-Forcing distils Wan2.1-T2V-1.3B into a causal generator that makes a video's latents 3 latent
+    frames (a chunk) at a time, in 4 denoising steps per chunk:
         for each chunk (start_frame = 0, 3, 6, ...):
             x = noise
-            for t in [1000, 750, 500, 250], warped by the shift-5 flow-matching schedule
-                     (to 1000, 937.5, 833.3, 625):
+            for t in [1000, 750, 500, 250], warped by the shift-5 schedule (to 1000, 937.5, 833.3, 625):
                 v  = model(x, t)                 # reads the KV cache of earlier chunks, keeps nothing
                 x0 = x - sigma_t * v             # the model predicts the flow
                 x  = (1 - sigma_next) * x0 + sigma_next * fresh_noise     (not after the last step)
             hand out x0; model(x0, t=0) once more and commit: its K/V become the chunk's cache entries
-    Here every rank keeps only its contiguous token shard of the chunk through all steps (re-noising is
-    elementwise, the per-frame modulation is per token); attention is stage 05's layer (Causal-RoPE SP
-    from the table of stage 01, one Q/K/V all-to-all, KV cache sharded like the attention); the text
-    cross-attention needs no communication (each rank holds all 512 text tokens' K/V, computed once).
-    Only a finished chunk is gathered, to be handed out.
-
-    `stream(model, text, video, mesh, seed)` is that loop as a Python generator: it yields each chunk's
-    latents as the chunk is handed out, and the caller decides what happens to them (time, decode, save;
-    stage 07 decodes them into frames while the next chunk is made). `generate` is their concatenation.
-    One VideoState holds everything a video keeps between forwards: every block's KV cache and the text
-    K/V; the model's forward reads them from it, and the loop makes room and commits through it.
+    Every rank keeps its contiguous token shard of the chunk through all steps; attention is stage 05's
+    layer; each rank holds all text tokens' K/V. Only a finished chunk is gathered, to be handed out.
+    `stream()` is the loop as a generator of each chunk's latents (stage 07 decodes them as they come);
+    `generate()` concatenates them. One VideoState holds a video's KV caches and text K/V.
 
 Graph mode (the default on GPU)
-    Split over GPUs, each rank's kernels get shorter but Python's work per forward does not: on 2 H100s an
-    eager Wan-1.3B forward took longer to enqueue than the GPUs took to run it. So on GPU every forward --
-    all 30 blocks, the all-to-alls included -- is a CUDA graph, captured once per visible-cache length and
-    replayed from one host call (GraphedForward). Eager mode (EagerForward, --no-graph) is the same model
-    code; CPU and the tests use it. Compilation and capture happen in a warm-up video before any clock.
+    Split over GPUs, a forward's kernels get shorter but Python's work does not, so every GPU forward (all
+    blocks, the all-to-alls included) is a CUDA graph, captured once per visible-cache length and replayed
+    from one host call (GraphedForward). EagerForward (--no-graph, CPU, tests) is the same model code.
 
 The model
-    Wan2.1's DiT with Self-Forcing's per-frame timesteps and the original parameter names (patch_embedding,
-    text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.{modulation, norm3, self_attn.*,
-    cross_attn.*, ffn.{0,2}}, head.{head, modulation}), so real checkpoints load strictly, including the
-    Self-Forcing file layout ({'generator' | 'generator_ema': {'model.<name>': tensor}}).
-    Tokens are patches of 1 x 2 x 2 latent pixels; a token's 64 values are ordered (pt, ph, pw, channel),
-    the head's output order, so latents stay in token form through the whole loop.
+    Wan2.1's DiT with per-frame timesteps and the original parameter names, so real checkpoints (and
+    Self-Forcing's {'generator' | 'generator_ema': {'model.<name>': ...}}) load strictly. Tokens are
+    1 x 2 x 2 patches, values ordered (pt, ph, pw, channel), the head's output order.
 
 Shapes (wan-1.3b, 480x832)
     latents:  [batch, 16, frames, 60, 104]   -> tokens [batch, frames * 1560, 64]; a chunk is 4680 tokens
     x per rank: [batch, n_local, 1536] residual stream in the model dtype (bf16 on GPU, as upstream)
     text: [batch, 512, 4096] umT5 features -> per block cross-attention K/V [batch, 12, 512, 128]
-
-Settings
-    Frozen dataclasses: ModelConfig (the DiT's shape; PRESETS "tiny" and "wan-1.3b"), VideoSpec (latent
-    frames, size in pixels, chunk and window frames) and RunOptions (attention mode, graphs, capture
-    timeout).
 
 Uses
     01_rope: RopeTable, MAX_TIME_POSITIONS
@@ -60,15 +42,9 @@ Run
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b \\
         --checkpoint self_forcing_dmd.pt --text-embedding prompt_umt5.pt --output out/latents.pt
-    Prints the first chunk's latency and the whole video's time (measured when the GPU has finished the
-    work), then saves the latents. With several ranks on the tiny preset it also compares its first chunk
-    with one process. Stage 07 turns the same stream into decoded frames.
-    On GPU (the command line, benchmark and verification live in support/pipeline_cli.py):
-    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --bench --profile
-        warm-up, chunk forward, first chunk, whole video, FPS; host vs kernel time per forward (rank 0)
-    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --verify --frames 9
-        CUDA graph == eager, and 2 GPUs == 1 GPU (float32 to 1e-5; bfloat16 within bfloat16's own error)
-    --exchange symm makes the all-to-alls peer copies into symmetric memory instead of NCCL calls.
+    Prints the first chunk's latency and the whole video's time, saves the latents; with several ranks on
+    the tiny preset, checks the first chunk against one process. bench_06.py times it, verify_06.py checks
+    graphs against eager on GPUs.
 """
 import contextlib
 import copy
@@ -104,7 +80,7 @@ SHIFT = 5.0                        # of the flow-matching schedule that warps DE
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DiT's shape, under Wan2.1's own names. A name it does not have is an error (a TypeError)."""
+    """The DiT's shape, under Wan2.1's own names."""
     dim: int
     ffn_dim: int
     num_heads: int
@@ -250,9 +226,8 @@ class Block(nn.Module):
         return (self.modulation[0, which] + e[:, :, which])[:, frame_index]
 
     def feed_forward(self, h):
-        """ffn(h). On GPU the first Linear runs with cuBLASLt's bias + GELU(tanh) epilogue (one kernel, no
-        extra pass over the [tokens, 8960] activation; Inductor keeps this op as a library call). On CPU that
-        op would use exact GELU, so the plain modules run there."""
+        """ffn(h); on GPU the first Linear with cuBLASLt's bias + GELU(tanh) epilogue (one kernel); on CPU
+        that op would use exact GELU, so the plain modules run there."""
         if not h.is_cuda:
             return self.ffn(h)
         up = self.ffn[0]
@@ -310,10 +285,8 @@ class CausalWanModel(nn.Module):
         return self.head.head.weight.dtype
 
     def text_context(self, text):
-        """text [B, L <= text_len, text_dim] (zero-padded to text_len) -> per block the cross-attention K/V
-        [B, H, text_len, D]: k = norm_k(k(context)), v = v(context), computed once per video. All blocks'
-        projections run as one GEMM over their concatenated weights (one launch instead of ~250 small ones
-        on the path to the first chunk)."""
+        """text [B, L <= text_len, text_dim] (zero-padded) -> per block the cross-attention K/V [B, H,
+        text_len, D], once per video; all blocks' projections as one GEMM (one launch, not ~250)."""
         c = self.config
         text = F.pad(text, (0, 0, 0, c.text_len - text.shape[1]))
         context = self.text_embedding(text.to(self.dtype))                         # [B, L, dim]
@@ -326,12 +299,9 @@ class CausalWanModel(nn.Module):
         return [(heads(k[:, :, i]), heads(kv[:, :, i, 1])) for i in range(len(attns))]
 
     def forward(self, tokens, timestep, layout, state):
-        """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk;
-        `state` is the video's VideoState (its blocks' KV caches and text K/V). Returns the predicted flow
-        [B, n_local, 64] in float32 (or float64). Every block writes the chunk's K/V into its cache's slots
-        after the cached tokens; only state.commit() makes them part of the cache."""
-        # The residual stream and the modulation stay in the model dtype (bf16 on GPU), as upstream runs the
-        # generator; norms compute in float32 inside. The flow comes back at least in float32 for the loop.
+        """tokens [B, n_local, 64], timestep [B, F] per frame of the chunk, the video's VideoState -> the flow
+        [B, n_local, 64] in float32 (or float64). Each block writes the chunk's K/V into its cache's slots;
+        only state.commit() keeps them. The residual stream stays in the model dtype, as upstream."""
         weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)      # conv as a linear layer
         x = F.linear(tokens.to(self.dtype), weight, self.patch_embedding.bias)       # [B, n, dim]
         t = sinusoidal_embedding(self.config.freq_dim, timestep.flatten()).to(self.dtype)
@@ -349,8 +319,8 @@ class CausalWanModel(nn.Module):
 # ----------------------------------------------------------------------------- the Self-Forcing loop
 
 def warped_timesteps(steps=DENOISING_STEPS, shift=SHIFT, num_train_timesteps=1000):
-    """Self-Forcing's denoising list: the shift-warped flow-matching schedule at 1000 - t
-    (https://github.com/guandeh17/Self-Forcing pipeline/causal_inference.py). Returns (timesteps, sigmas)."""
+    """(timesteps, sigmas): the shift-warped flow-matching schedule at 1000 - t, as Self-Forcing's
+    pipeline/causal_inference.py."""
     sigmas = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     table = torch.cat([sigmas * num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
@@ -373,8 +343,7 @@ def unpatchify(tokens, frames, height, width):
 
 
 class NoiseSource:
-    """Noise for the whole run from one seeded stream, drawn in a fixed order on every rank (so all ranks
-    and the single-process run see the same numbers); each rank keeps its shard."""
+    """Noise from one seeded stream, drawn in the same order on every rank; each rank keeps its shard."""
 
     def __init__(self, seed, device):
         self.gen = torch.Generator(device).manual_seed(seed)
@@ -398,8 +367,7 @@ def video_rope_table(model, video, device):
 
 
 def attention_backends(device):
-    """On GPU, try cuDNN attention first (the fastest at these shapes where it runs), then flash,
-    then memory-efficient; PyTorch falls through to the next where a backend refuses the inputs."""
+    """On GPU: cuDNN attention first (the fastest here), then flash, memory-efficient, math."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -525,8 +493,8 @@ def validate(model, mesh, video, text):
 
 
 def parameter_fingerprint(model):
-    """A number that differs when ranks hold different weights (the float64 sum's bits). Summing 1.4 B
-    weights is not free, so the value is kept until a parameter changes (its version counter moves)."""
+    """A number that differs when ranks hold different weights (the float64 sum's bits), kept until a
+    parameter's version counter moves."""
     versions = [(id(p), p._version) for p in model.parameters()]
     kept = getattr(model, "_fingerprint", None)
     if kept is None or kept[0] != versions:
@@ -538,25 +506,10 @@ def parameter_fingerprint(model):
 # ----------------------------------------------------------------------------- graph mode
 
 class GraphedForward(EagerForward):
-    """The model forward over a chunk, replayed from CUDA graphs: one host call per forward (GPU only).
-
-    Why: split over 2 GPUs, one Wan-1.3B forward's ~1000 kernel launches, 60 exchanges and ~90 compiled
-    regions' guard checks took the host longer than the GPU took to run them, so the GPUs sat idle. A
-    graph replays the whole forward, every exchange included, from one launch.
-
-    What makes the forward capturable:
-      * what a graph reads lives at fixed addresses: this object owns static buffers for the tokens, the
-        timestep and the chunk's RoPE rows, and the VideoState keeps its caches and text K/V in place;
-      * a pass writes its chunk's K/V into the cache slots whether or not it commits; committing is
-        bookkeeping after the replay and eviction runs before it (make_room), so the device work depends
-        only on the cached tokens each rank sees (VideoState.visible), the graph's key: one graph per chunk
-        without a window; with a window, every chunk after the window fills shares one. The denoising
-        passes and the clean-context pass of a chunk are the same graph;
-      * nothing inside the forward waits on the host; the ranks' agreement check runs once per video.
-    A new key costs one eager warm-up of the same call (compiles, connects NCCL, plans cuDNN), a barrier,
-    the capture and a first replay, all under a Deadline. Graphs outlive the video: one GraphedForward per
-    video shape (`graphed_forward`), and later videos only replay.
-    """
+    """The model forward over a chunk, replayed from CUDA graphs (GPU only). What a graph reads stays at
+    fixed addresses (static inputs here, caches and text K/V in the VideoState); commit and eviction are
+    Python around the replay, so a graph's key is what each rank's cache holds (VideoState.visible). A new
+    key costs an eager warm-up, a barrier, the capture and a first replay, under a Deadline."""
 
     def __init__(self, model, state, exchange, timeout_s):
         super().__init__(model, state)
@@ -618,8 +571,7 @@ def graphed_forward(model, mesh, table, batch, window_frames, options):
 
 
 def chunk_forward(model, mesh, table, batch, window_frames, options):
-    """What runs the model over a chunk: the shape's GraphedForward (kept across videos, with its state), or
-    a fresh eager one with a fresh state."""
+    """The shape's GraphedForward (kept across videos), or a fresh EagerForward, each with its state."""
     if options.graphs:
         return graphed_forward(model, mesh, table, batch, window_frames, options)
     return EagerForward(model, VideoState(model, table, window_frames))
@@ -630,8 +582,8 @@ def exchange_name(mesh):
 
 
 def finish(timeout_s=120):
-    """Drop every CUDA graph (NCCL cannot tear down a communicator that a live graph still uses: the job
-    would hang at exit), then leave the process group in step with the other ranks."""
+    """Drop every CUDA graph (a live graph keeps NCCL from tearing down: the job would hang at exit), then
+    leave the process group in step with the other ranks."""
     graphed_forward.cache_clear()
     gc.collect()
     with Deadline(timeout_s, "leaving the process group", rank=sp.world()[1]):
@@ -641,9 +593,8 @@ def finish(timeout_s=120):
 # ----------------------------------------------------------------------------- weights
 
 def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused"):
-    """The model of a preset (a PRESETS name) in `dtype` on `device`, with stage 05's attention `mode`:
-    random weights from `seed` (the same on every rank), or a checkpoint's (support/weights.py), loaded
-    strictly. On a GPU the code around attention runs compiled."""
+    """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
+    loaded strictly. On a GPU the code around attention runs compiled."""
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
@@ -655,8 +606,7 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
 # ----------------------------------------------------------------------------- the program
 
 def video_flops(config, video):
-    """Multiply-adds x 2 of a whole video: 4 denoising passes per chunk and a clean-context pass for all but
-    the last, each over a chunk's tokens attending to the cache (no window) and the text."""
+    """FLOPs of a video: 4 denoising passes per chunk, a clean-context pass for all but the last."""
     tokens, total = video.chunk_frames * video.tokens_per_frame, 0
     for c in range(video.num_chunks):
         passes = len(DENOISING_STEPS) + (c + 1 < video.num_chunks)
@@ -672,12 +622,12 @@ def forward_flops(config, tokens, visible_keys):
 
 
 def cpu_estimate(config, video):
-    """(a line on what a CPU run costs where that is over 100x the tiny preset's default run, else None;
-    its minutes at a few tens of GFLOP/s)."""
+    """(what a CPU run costs, in a line, where over 100x the tiny default run, else None; its minutes)."""
     flops = video_flops(config, video)
     scale = video_flops(PRESETS["tiny"], VideoSpec(21, *PRESET_SIZE["tiny"]))
     minutes = flops / 30e9 / 60
-    parameters = config.num_layers * (8 * config.dim ** 2 + 2 * config.dim * config.ffn_dim) + config.text_dim * config.dim
+    parameters = (config.num_layers * (8 * config.dim ** 2 + 2 * config.dim * config.ffn_dim)
+                  + config.text_dim * config.dim)
     gib = 4 * (parameters + config.num_layers * video.frames * video.tokens_per_frame * 2 * config.dim) / 2**30
     line = (f"this CPU run needs about {flops / 1e12:,.1f} TFLOP and {gib:.1f} GiB of float32 weights and cache "
             f"({flops / scale:,.0f}x the tiny preset's default run): at a few tens of GFLOP/s "
@@ -810,8 +760,8 @@ def chosen_dtype(name, device):
 
 
 def read_inputs(run, *more, outputs=("output",)):
-    """The model and the text features, and what each of `more` builds (stage 07's decoder), with rank 0's
-    outputs tried by creating them: every rank ends with the same one-line error, or all go on."""
+    """[model, text features, what each of `more` builds], rank 0's outputs tried by creating them: every
+    rank ends with the same one-line error, or all go on."""
     a = run.args
     problem, built = None, [None, None] + [None] * len(more)
     if run.show:
@@ -841,8 +791,7 @@ def agree(run, problem):
 
 
 def save_on_rank_zero(run, result, problem=None):
-    """Rank 0 saves result() to --output; a failed save, or rank 0's earlier `problem` (an mp4 that could not
-    be written), ends every rank with its one line, after the result is kept."""
+    """Rank 0 saves result() to --output; a failed save, or rank 0's `problem`, ends every rank with it."""
     if run.show:
         try:
             files.save(result(), run.args.output)
@@ -852,8 +801,7 @@ def save_on_rank_zero(run, result, problem=None):
 
 
 def time_stream(chunks, device, wait_each=False):
-    """Drain a stream: (its chunks, seconds from the call to each hand-out on the device's timeline).
-    wait_each: the host also waits for every chunk, as a consumer copying each to the host must."""
+    """(the chunks, seconds to each hand-out on the device's timeline); wait_each: the host waits too."""
     clock, kept = Clock(device), []
     for chunk in chunks:
         clock.record()
@@ -877,8 +825,7 @@ def first_chunk_video(video):
 
 
 def tolerance(dtype):
-    """What the main jobs' self-checks accept: reordered sums in float64 and float32; in bfloat16, a few
-    roundings of values up to ~1 (pixels) or ~3 (latents)."""
+    """The self-checks' bound: reordered sums; in bfloat16, roundings of values up to ~3."""
     return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
 
 
@@ -894,8 +841,7 @@ def compare_with_one_process(run, run_alone, sharded, what):
 
 
 def main(argv=None):
-    """The main job: a video's latents (after an untimed warm-up video on GPU), its first chunk's latency and
-    whole time on the device's timeline, saved on rank 0."""
+    """A video's latents after an untimed warm-up one (GPU), timed on the device, saved on rank 0."""
     run = set_up(parser().parse_args(argv), "06_self_forcing_pipeline")
     a, video = run.args, run.video
     model, text = read_inputs(run)
