@@ -133,22 +133,12 @@ class SPMesh:
         self.ring_group = self._groups([[j * ulysses_degree + i for j in range(ring_degree)]
                                         for i in range(ulysses_degree)], self.ulysses_rank)
         self.symmetric = None       # a SymmetricExchange once use_symmetric_memory() chose it
-        self.side = None            # a second group of all the ranks, once side_group() made it
 
     def use_symmetric_memory(self):
         """Make the Ulysses all-to-alls peer copies into symmetric memory instead of NCCL calls (GPU only;
         collective: every rank of the job calls it). Ring steps stay NCCL sends and receives."""
         if self.ulysses_degree > 1 and self.symmetric is None:
             self.symmetric = SymmetricExchange(self)
-
-    def side_group(self):
-        """A second process group of all the mesh's ranks, made at the first call (collective: every rank
-        makes that call). For collectives that run beside the mesh's own on another CUDA stream (stage 07's
-        decoder): two streams must not share one NCCL communicator, or their calls can interleave
-        differently on different ranks and hang."""
-        if self.side is None and self.world_size > 1:
-            self.side = dist.new_group(list(range(self.world_size)))
-        return self.side
 
     def _groups(self, all_ranks, mine):
         """Every rank creates every group (new_group is collective); returns this rank's group."""
@@ -506,7 +496,7 @@ def finish_distributed():
     if dist.is_initialized():
         dist.barrier()
         for mesh in SPMesh._made.values():
-            for group in {mesh.ulysses_group, mesh.ring_group, mesh.side} - {None, dist.group.WORLD}:
+            for group in {mesh.ulysses_group, mesh.ring_group} - {None, dist.group.WORLD}:
                 dist.destroy_process_group(group)
         SPMesh._made.clear()
         dist.barrier()

@@ -41,6 +41,7 @@ Run
         the RoPE stage (all-gather baseline vs Causal-RoPE SP), Q/K/V exchange (three vs one all-to-all)
         and the whole layer (unfused, fused, overlap)
 """
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -110,27 +111,26 @@ def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_deg
             .contiguous())                          # member u's rows are send[u], token-major
 
 
-_compiled = {}
-
-
-def on_device(fn, x, dynamic=False):
-    """fn compiled with torch.compile when x is on a GPU (one fused kernel instead of ~15), else fn.
-    dynamic: one compilation for every shape (else one per shape, each specialised)."""
-    if x.device.type != "cuda":
-        return fn
-    if (fn, dynamic) not in _compiled:
-        _compiled[fn, dynamic] = torch.compile(fn, dynamic=dynamic)
-    return _compiled[fn, dynamic]
+@functools.lru_cache(maxsize=None)
+def compiled(fn, dynamic=False):
+    """fn through torch.compile, made once and shared by every layer that asks (dynamic: one compilation
+    for every shape, else one per shape)."""
+    return torch.compile(fn, dynamic=dynamic)
 
 
 class CausalSelfAttention(nn.Module):
     """Wan2.1's causal self-attention, sequence-parallel: x [B, n_local, dim] -> [B, n_local, dim]."""
 
-    def __init__(self, dim, num_heads, eps=1e-6):
+    def __init__(self, dim, num_heads, eps=1e-6, mode="fused", compile=False):
+        """mode: "fused" (one Q/K/V all-to-all), "overlap" (V sent first, under the packing of Q/K) or
+        "unfused" (stages 03 + 04 as they are). compile (for a GPU): pack_qkv through torch.compile."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} does not split into {num_heads} heads")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
+        self.mode, self.pack_qkv = mode, compiled(pack_qkv) if compile else pack_qkv
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
@@ -142,20 +142,16 @@ class CausalSelfAttention(nn.Module):
         layout.mesh.agree("CausalSelfAttention", problem, batch=x.shape[0] if x.dim() else -1,
                  dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
 
-    def forward(self, x, layout, cache=None, mode="fused", check=False):
+    def forward(self, x, layout, cache=None, check=False):
         """x [B, n_local, dim] -> [B, n_local, dim]. With a cache, the chunk attends to it too, and its K/V
-        are written into the cache's slots (stage 03's commit_chunk keeps them). `mode` picks the layer:
-        "fused" (one Q/K/V all-to-all), "overlap" (V sent first, under the packing of Q/K), or "unfused"
-        (stages 03 + 04 as they are, for comparison)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        are written into the cache's slots (stage 03's commit_chunk keeps them)."""
         if check:
             self.check_input(x, layout)
         q, k, v = self.q(x), self.k(x), self.v(x)                     # [B, n, dim] each
-        if mode == "unfused":
+        if self.mode == "unfused":
             out = self.unfused_attention(q, k, v, layout, cache)
         else:
-            exchange = self.fused_exchange if mode == "fused" else self.overlapped_exchange
+            exchange = self.fused_exchange if self.mode == "fused" else self.overlapped_exchange
             q_tm, kv = exchange(q, k, v, layout)          # [n_ring, B, Hu, D], [n_ring, 2, B, Hu, D]
             if cache is not None:                                     # the chunk's K/V into its cache slots
                 slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(layout.mesh, layout.chunk))
@@ -173,8 +169,8 @@ class CausalSelfAttention(nn.Module):
         return sp.sp_attention(q, k, heads(v), layout.mesh, layout.chunk, cache, check=False)
 
     def pack(self, q, k, v, layout):
-        """pack_qkv with this layer's weights and this rank's RoPE rows (compiled on GPU)."""
-        return on_device(pack_qkv, q)(q, k, v, self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
+        """pack_qkv with this layer's weights and this rank's RoPE rows."""
+        return self.pack_qkv(q, k, v, self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
                                       self.num_heads, layout.mesh.ulysses_degree, self.eps)
 
     def fused_exchange(self, q, k, v, layout):
@@ -202,14 +198,22 @@ class CausalSelfAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- the self-check
 
-def run_layer_chunks(layer, x_chunks, mesh, table, chunk_frames, mode, use_cache=True):
+def with_mode(layer, mode):
+    """A layer with `layer`'s weights, built to run as `mode`."""
+    weight = layer.q.weight
+    other = CausalSelfAttention(layer.dim, layer.num_heads, layer.eps, mode, layer.pack_qkv is not pack_qkv)
+    other.to(weight.device, weight.dtype).load_state_dict(layer.state_dict())
+    return other
+
+
+def run_layer_chunks(layer, x_chunks, mesh, table, chunk_frames, use_cache=True):
     """Feed whole-chunk inputs x_chunks[c] [B, chunk_tokens, dim] through the layer, this rank taking its
     shard of each chunk, each chunk kept in the cache for the next; returns the per-chunk output shards."""
     cache = causal.KVCache(sum(x.shape[1] for x in x_chunks)) if use_cache else None
     outs = []
     for c, x in enumerate(x_chunks):
         layout = ShardLayout(mesh, table, c * chunk_frames, chunk_frames)
-        outs.append(layer(x[:, slice(*layout.shard)], layout, cache, mode=mode, check=True))
+        outs.append(layer(x[:, slice(*layout.shard)], layout, cache, check=True))
         if cache is not None:
             sp.commit_chunk(cache, mesh, layout.chunk)
     return outs
@@ -220,12 +224,12 @@ def check_main(args, device):
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.manual_seed(args.seed)                                      # same weights and inputs on every rank
-    layer = CausalSelfAttention(args.dim, args.heads).to(device, dtype)
+    layer = CausalSelfAttention(args.dim, args.heads, compile=device.type == "cuda").to(device, dtype)
     table = rope.RopeTable(args.dim // args.heads, args.chunks * args.chunk_frames, args.height, args.width,
                            dtype=dtype, device=device)
     tokens = args.chunk_frames * args.height * args.width
     x_chunks = [torch.randn(1, tokens, args.dim, dtype=dtype, device=device) for _ in range(args.chunks)]
-    run = lambda on, mode: run_layer_chunks(layer, x_chunks, on, table, args.chunk_frames, mode)
+    run = lambda on, mode: run_layer_chunks(with_mode(layer, mode), x_chunks, on, table, args.chunk_frames)
     with torch.no_grad():
         want = torch.cat(run(sp.SPMesh(1, 1, device, local=True), "unfused"), dim=1)   # one process
         errors = {}
@@ -248,11 +252,12 @@ def bench_main(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     H, D = args.heads, args.dim // args.heads
     torch.manual_seed(args.seed)
-    layer = CausalSelfAttention(args.dim, H).to(device, dtype)
+    layer = CausalSelfAttention(args.dim, H, compile=device.type == "cuda").to(device, dtype)
     table = rope.RopeTable(D, args.video_frames, args.height, args.width, device=device)
     layout = ShardLayout(mesh, table, args.start_frame, args.chunk_frames)
     x = torch.randn(1, layout.n_local, args.dim, device=device, dtype=dtype)
     q_local = torch.randn(1, layout.n_local, H, D, device=device, dtype=dtype)
+    layers = {mode: with_mode(layer, mode) for mode in MODES}
     start, grid, shard = args.start_frame, (args.chunk_frames, args.height, args.width), layout.shard
     if mesh.rank == 0:   # rows print as they are measured: at these shapes a CPU takes minutes for all
         gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -267,7 +272,7 @@ def bench_main(args, device):
                      lambda: crsp.causal_rope_sp_positions(q_local, grid, start, shard), versus=baseline)
         timings.time("RoPE: Causal-RoPE SP, table slice (q)",
                      lambda: crsp.causal_rope_sp(q_local, table, start, grid[0], shard), versus=baseline)
-        compiled_rope = on_device(crsp.causal_rope_sp, q_local)
+        compiled_rope = compiled(crsp.causal_rope_sp) if device.type == "cuda" else crsp.causal_rope_sp
         timings.time("RoPE: Causal-RoPE SP, table slice, compiled",
                      lambda: compiled_rope(q_local, table, start, grid[0], shard), versus=baseline)
         if mesh.ulysses_degree > 1:   # the exchanges alone: both sides send buffers already packed
@@ -280,7 +285,7 @@ def bench_main(args, device):
                          lambda: sp.exchange_rows(send, mesh, layout.length),
                          versus="Q/K/V exchange: three all-to-alls")
         for mode in MODES:
-            timings.time(f"layer ({mode}), no cache", lambda: layer(x, layout, mode=mode),
+            timings.time(f"layer ({mode}), no cache", lambda: layers[mode](x, layout),
                          versus=None if mode == "unfused" else "layer (unfused), no cache")
         cache = causal.KVCache(args.cache_frames * table.tokens_per_frame + layout.length)
         prefill = ShardLayout(mesh, table, 0, args.cache_frames)    # earlier frames, committed once
@@ -290,7 +295,7 @@ def bench_main(args, device):
         unfused = f"layer (unfused), {args.cache_frames}-frame cache"
         for mode in MODES:
             name = f"layer ({mode}), {args.cache_frames}-frame cache"
-            timings.time(name, lambda: layer(x, cached, cache, mode=mode),
+            timings.time(name, lambda: layers[mode](x, cached, cache),
                          versus=None if name == unfused else unfused)
 
 

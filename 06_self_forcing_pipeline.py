@@ -1,73 +1,50 @@
 """Stage 06 -- the Self-Forcing pipeline: chunk-by-chunk, KV-cached, 4-step video generation, on N ranks.
 
 The idea
-    Self-Forcing distils Wan2.1-T2V-1.3B into a causal generator that makes a video's latents a chunk of
-    3 latent frames at a time, in 4 denoising steps per chunk:
+    Self-Forcing distils Wan2.1-T2V-1.3B into a causal generator that makes a video's latents 3 latent
+    frames (a chunk) at a time, in 4 denoising steps per chunk:
         for each chunk (start_frame = 0, 3, 6, ...):
             x = noise
-            for t in [1000, 750, 500, 250], warped by the shift-5 flow-matching schedule
-                     (to 1000, 937.5, 833.3, 625):
+            for t in [1000, 750, 500, 250], warped by the shift-5 schedule (to 1000, 937.5, 833.3, 625):
                 v  = model(x, t)                 # reads the KV cache of earlier chunks, keeps nothing
                 x0 = x - sigma_t * v             # the model predicts the flow
                 x  = (1 - sigma_next) * x0 + sigma_next * fresh_noise     (not after the last step)
             hand out x0; model(x0, t=0) once more and commit: its K/V become the chunk's cache entries
-    Here every rank keeps only its contiguous token shard of the chunk through all steps (re-noising is
-    elementwise, the per-frame modulation is per token); attention is stage 05's layer (Causal-RoPE SP
-    from the table of stage 01, one Q/K/V all-to-all, KV cache sharded like the attention); the text
-    cross-attention needs no communication (each rank holds all 512 text tokens' K/V, computed once).
-    Only a finished chunk is gathered, to be handed out.
-
-    `stream(model, text, video, mesh, seed)` is that loop as a Python generator: it yields each chunk's
-    latents as the chunk is handed out, and the caller decides what happens to them (time, decode, save;
-    stage 07 decodes them into frames while the next chunk is made). `generate` is their concatenation.
-    One VideoState holds everything a video keeps between forwards: every block's KV cache and the text
-    K/V; the model's forward reads them from it, and the loop makes room and commits through it.
+    Every rank keeps its contiguous token shard of the chunk through all steps; attention is stage 05's
+    layer; each rank holds all text tokens' K/V. Only a finished chunk is gathered, to be handed out.
+    `stream()` is the loop as a generator of each chunk's latents (stage 07 decodes them as they come);
+    `generate()` concatenates them. One VideoState holds a video's KV caches and text K/V.
 
 Graph mode (the default on GPU)
-    Split over GPUs, each rank's kernels get shorter but Python's work per forward does not: on 2 H100s an
-    eager Wan-1.3B forward took longer to enqueue than the GPUs took to run it. So on GPU every forward --
-    all 30 blocks, the all-to-alls included -- is a CUDA graph, captured once per visible-cache length and
-    replayed from one host call (GraphedForward). Eager mode (EagerForward, --no-graph) is the same model
-    code; CPU and the tests use it. Compilation and capture happen in a warm-up video before any clock.
+    Split over GPUs, a forward's kernels get shorter but Python's work does not, so every GPU forward (all
+    blocks, the all-to-alls included) is a CUDA graph, captured once per visible-cache length and replayed
+    from one host call (GraphedForward). EagerForward (--no-graph, CPU, tests) is the same model code.
 
 The model
-    Wan2.1's DiT with Self-Forcing's per-frame timesteps and the original parameter names (patch_embedding,
-    text_embedding.{0,2}, time_embedding.{0,2}, time_projection.1, blocks.N.{modulation, norm3, self_attn.*,
-    cross_attn.*, ffn.{0,2}}, head.{head, modulation}), so real checkpoints load strictly, including the
-    Self-Forcing file layout ({'generator' | 'generator_ema': {'model.<name>': tensor}}).
-    Tokens are patches of 1 x 2 x 2 latent pixels; a token's 64 values are ordered (pt, ph, pw, channel),
-    the head's output order, so latents stay in token form through the whole loop.
+    Wan2.1's DiT with per-frame timesteps and the original parameter names, so real checkpoints (and
+    Self-Forcing's {'generator' | 'generator_ema': {'model.<name>': ...}}) load strictly. Tokens are
+    1 x 2 x 2 patches, values ordered (pt, ph, pw, channel), the head's output order.
 
 Shapes (wan-1.3b, 480x832)
     latents:  [batch, 16, frames, 60, 104]   -> tokens [batch, frames * 1560, 64]; a chunk is 4680 tokens
     x per rank: [batch, n_local, 1536] residual stream in the model dtype (bf16 on GPU, as upstream)
     text: [batch, 512, 4096] umT5 features -> per block cross-attention K/V [batch, 12, 512, 128]
 
-Settings
-    Frozen dataclasses: ModelConfig (the DiT's shape; PRESETS "tiny" and "wan-1.3b"), VideoSpec (latent
-    frames, size in pixels, chunk and window frames) and RunOptions (attention mode, graphs, capture
-    timeout).
-
 Uses
     01_rope: RopeTable, MAX_TIME_POSITIONS
     02_causal_attention: KVCache, spell_setting, window_problem
-    03_sequence_parallel: commit_chunk, gather_tokens, ring_shard_of, world, finish_distributed
-    05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, rms_norm, on_device
+    03_sequence_parallel: commit_chunk, gather_tokens, ring_shard_of, world, finish_distributed, SPMesh,
+        init_distributed, mesh_shape, factorizations
+    05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, rms_norm, compiled, MODES
 
 Run
     python 06_self_forcing_pipeline.py                              tiny preset, one process
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b \\
         --checkpoint self_forcing_dmd.pt --text-embedding prompt_umt5.pt --output out/latents.pt
-    Prints the first chunk's latency and the whole video's time (measured when the GPU has finished the
-    work), then saves the latents. With several ranks on the tiny preset it also compares its first chunk
-    with one process. Stage 07 turns the same stream into decoded frames.
-    On GPU (the command line, benchmark and verification live in support/pipeline_cli.py):
-    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --bench --profile
-        warm-up, chunk forward, first chunk, whole video, FPS; host vs kernel time per forward (rank 0)
-    torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b --verify --frames 9
-        CUDA graph == eager, and 2 GPUs == 1 GPU (float32 to 1e-5; bfloat16 within bfloat16's own error)
-    --exchange symm makes the all-to-alls peer copies into symmetric memory instead of NCCL calls.
+    Prints the first chunk's latency and the whole video's time, saves the latents; with several ranks on
+    the tiny preset, checks the first chunk against one process. bench_06.py times it, verify_06.py checks
+    graphs against eager on GPUs.
 """
 import bisect
 import collections
@@ -77,8 +54,8 @@ import functools
 import gc
 import importlib
 import math
+import os
 import struct
-import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -87,8 +64,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from support import pipeline_cli, weights
-from support.harness import Deadline, run_main
+from support import extras, files, weights
+from support.harness import BadInput, Deadline, Parser, check, non_negative, positive, run_main
+from support.timing import Clock
 
 rope = importlib.import_module("01_rope")
 causal = importlib.import_module("02_causal_attention")
@@ -104,7 +82,7 @@ SHIFT = 5.0                        # of the flow-matching schedule that warps DE
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DiT's shape, under Wan2.1's own names. A name it does not have is an error (a TypeError)."""
+    """The DiT's shape, under Wan2.1's own names."""
     dim: int
     ffn_dim: int
     num_heads: int
@@ -195,9 +173,8 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the loop runs (not what it computes): stage 05's attention `mode`, CUDA `graphs` (None: on GPU)
-    and how long a graph capture may take before every rank stops."""
-    mode: str = "fused"
+    """How the loop runs (not what it computes): CUDA `graphs` (None: on GPU) and how long a graph capture
+    may take before every rank stops."""
     graphs: Optional[bool] = None
     graph_timeout_s: float = 300.0
 
@@ -213,10 +190,12 @@ def sinusoidal_embedding(dim, positions):
 
 
 class LayerNorm(nn.LayerNorm):
-    """Wan's LayerNorm: computed in float32 (or wider), cast back."""
+    """Wan's LayerNorm: computed in float32 (or wider), its weights too, cast back."""
 
     def forward(self, x):
-        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type_as(x)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        weight, bias = (None if p is None else p.to(xf.dtype) for p in (self.weight, self.bias))
+        return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class CrossAttention(nn.Module):
@@ -235,16 +214,19 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, ffn_dim, num_heads, eps=1e-6):
+    def __init__(self, dim, ffn_dim, num_heads, eps=1e-6, mode="fused", compile=False):
+        """mode: stage 05's attention layer; compile (for a GPU): the code around it through torch.compile."""
         super().__init__()
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = fused.CausalSelfAttention(dim, num_heads, eps)
+        self.self_attn = fused.CausalSelfAttention(dim, num_heads, eps, mode, compile)
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, num_heads, eps)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.around_attention = tuple(fused.compiled(f) if compile else f
+                                      for f in (Block.pre_attention, Block.post_attention))
 
     def modulated(self, norm, x, e, frame_index, which):
         """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale) = e[.., which:which+2]."""
@@ -256,9 +238,8 @@ class Block(nn.Module):
         return (self.modulation[0, which] + e[:, :, which])[:, frame_index]
 
     def feed_forward(self, h):
-        """ffn(h). On GPU the first Linear runs with cuBLASLt's bias + GELU(tanh) epilogue (one kernel, no
-        extra pass over the [tokens, 8960] activation; Inductor keeps this op as a library call). On CPU that
-        op would use exact GELU, so the plain modules run there."""
+        """ffn(h); on GPU the first Linear with cuBLASLt's bias + GELU(tanh) epilogue (one kernel); on CPU
+        that op would use exact GELU, so the plain modules run there."""
         if not h.is_cuda:
             return self.ffn(h)
         up = self.ffn[0]
@@ -275,10 +256,11 @@ class Block(nn.Module):
         ffn = self.feed_forward(self.modulated(self.norm2, x, e, frame_index, 3))
         return x + ffn * self.gate(e, frame_index, 5)
 
-    def forward(self, x, e, layout, cache, context_kv, mode="fused"):
-        h = fused.on_device(Block.pre_attention, x)(self, x, e, layout.frame_index)
-        y = self.self_attn(h, layout, cache, mode=mode)       # writes the chunk's K/V to the cache slots
-        return fused.on_device(Block.post_attention, x)(self, x, y, e, layout.frame_index, context_kv)
+    def forward(self, x, e, layout, cache, context_kv):
+        pre_attention, post_attention = self.around_attention
+        h = pre_attention(self, x, e, layout.frame_index)
+        y = self.self_attn(h, layout, cache)                  # writes the chunk's K/V to the cache slots
+        return post_attention(self, x, y, e, layout.frame_index, context_kv)
 
 
 class Head(nn.Module):
@@ -297,7 +279,7 @@ class Head(nn.Module):
 class CausalWanModel(nn.Module):
     """Wan2.1 DiT, causal, sequence-parallel. forward(tokens of this rank's shard) -> predicted flow."""
 
-    def __init__(self, config):
+    def __init__(self, config, mode="fused", compile=False):
         super().__init__()
         self.config = c = config
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=PATCH, stride=PATCH)
@@ -305,7 +287,7 @@ class CausalWanModel(nn.Module):
                                             nn.Linear(c.dim, c.dim))
         self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
-        self.blocks = nn.ModuleList([Block(c.dim, c.ffn_dim, c.num_heads, c.eps)
+        self.blocks = nn.ModuleList([Block(c.dim, c.ffn_dim, c.num_heads, c.eps, mode, compile)
                                      for _ in range(c.num_layers)])
         self.head = Head(c.dim, math.prod(PATCH) * c.out_dim, c.eps)
         # The RoPE table is not a parameter or buffer (as upstream): real checkpoints load strictly.
@@ -315,10 +297,8 @@ class CausalWanModel(nn.Module):
         return self.head.head.weight.dtype
 
     def text_context(self, text):
-        """text [B, L <= text_len, text_dim] (zero-padded to text_len) -> per block the cross-attention K/V
-        [B, H, text_len, D]: k = norm_k(k(context)), v = v(context), computed once per video. All blocks'
-        projections run as one GEMM over their concatenated weights (one launch instead of ~250 small ones
-        on the path to the first chunk)."""
+        """text [B, L <= text_len, text_dim] (zero-padded) -> per block the cross-attention K/V [B, H,
+        text_len, D], once per video; all blocks' projections as one GEMM (one launch, not ~250)."""
         c = self.config
         text = F.pad(text, (0, 0, 0, c.text_len - text.shape[1]))
         context = self.text_embedding(text.to(self.dtype))                         # [B, L, dim]
@@ -330,13 +310,10 @@ class CausalWanModel(nn.Module):
         heads = lambda t: t.unflatten(-1, (c.num_heads, -1)).transpose(1, 2)     # [B, L, dim] -> [B, H, L, D]
         return [(heads(k[:, :, i]), heads(kv[:, :, i, 1])) for i in range(len(attns))]
 
-    def forward(self, tokens, timestep, layout, state, mode="fused"):
-        """tokens [B, n_local, 64] (patches, (pt, ph, pw, c) order), timestep [B, F] per frame of the chunk;
-        `state` is the video's VideoState (its blocks' KV caches and text K/V). Returns the predicted flow
-        [B, n_local, 64] in float32 (or float64). Every block writes the chunk's K/V into its cache's slots
-        after the cached tokens; only state.commit() makes them part of the cache."""
-        # The residual stream and the modulation stay in the model dtype (bf16 on GPU), as upstream runs the
-        # generator; norms compute in float32 inside. The flow comes back at least in float32 for the loop.
+    def forward(self, tokens, timestep, layout, state):
+        """tokens [B, n_local, 64], timestep [B, F] per frame of the chunk, the video's VideoState -> the flow
+        [B, n_local, 64] in float32 (or float64). Each block writes the chunk's K/V into its cache's slots;
+        only state.commit() keeps them. The residual stream stays in the model dtype, as upstream."""
         weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1).flatten(1)      # conv as a linear layer
         x = F.linear(tokens.to(self.dtype), weight, self.patch_embedding.bias)       # [B, n, dim]
         t = sinusoidal_embedding(self.config.freq_dim, timestep.flatten()).to(self.dtype)
@@ -344,7 +321,7 @@ class CausalWanModel(nn.Module):
         e6 = self.time_projection(e).unflatten(1, (6, self.config.dim))              # [B*F, 6, dim]
         e6 = e6.unflatten(0, timestep.shape)                                           # [B, F, 6, dim]
         for block, cache, context_kv in zip(self.blocks, state.caches, state.text_kv):
-            x = block(x, e6, layout, cache, context_kv, mode)
+            x = block(x, e6, layout, cache, context_kv)
         flow = self.head(x, e.unflatten(0, timestep.shape), layout.frame_index)
         return flow.to(torch.promote_types(self.dtype, torch.float32))
 
@@ -354,8 +331,8 @@ class CausalWanModel(nn.Module):
 # ----------------------------------------------------------------------------- the Self-Forcing loop
 
 def warped_timesteps(steps=DENOISING_STEPS, shift=SHIFT, num_train_timesteps=1000):
-    """Self-Forcing's denoising list: the shift-warped flow-matching schedule at 1000 - t
-    (https://github.com/guandeh17/Self-Forcing pipeline/causal_inference.py). Returns (timesteps, sigmas)."""
+    """(timesteps, sigmas): the shift-warped flow-matching schedule at 1000 - t, as Self-Forcing's
+    pipeline/causal_inference.py."""
     sigmas = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     table = torch.cat([sigmas * num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
@@ -378,8 +355,7 @@ def unpatchify(tokens, frames, height, width):
 
 
 class NoiseSource:
-    """Noise for the whole run from one seeded stream, drawn in a fixed order on every rank (so all ranks
-    and the single-process run see the same numbers); each rank keeps its shard."""
+    """Noise from one seeded stream, drawn in the same order on every rank; each rank keeps its shard."""
 
     def __init__(self, seed, device):
         self.gen = torch.Generator(device).manual_seed(seed)
@@ -404,8 +380,7 @@ def video_rope_table(model, video, device):
 
 
 def attention_backends(device):
-    """On GPU, try cuDNN attention first (the fastest at these shapes where it runs), then flash,
-    then memory-efficient; PyTorch falls through to the next where a backend refuses the inputs."""
+    """On GPU: cuDNN attention first (the fastest here), then flash, memory-efficient, math."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -470,11 +445,11 @@ class VideoState:
 class EagerForward:
     """The model forward over a chunk, launched kernel by kernel from Python (CPU, tests, --no-graph)."""
 
-    def __init__(self, model, state, mode):
-        self.model, self.state, self.mode = model, state, mode
+    def __init__(self, model, state):
+        self.model, self.state = model, state
 
     def __call__(self, x, timestep, layout):
-        return self.model(x, timestep, layout, self.state, self.mode)
+        return self.model(x, timestep, layout, self.state)
 
 
 @torch.no_grad()
@@ -614,8 +589,8 @@ def schedule_problem(schedule, chunk_frames, config):
 
 
 def parameter_fingerprint(model):
-    """A number that differs when ranks hold different weights (the float64 sum's bits). Summing 1.4 B
-    weights is not free, so the value is kept until a parameter changes (its version counter moves)."""
+    """A number that differs when ranks hold different weights (the float64 sum's bits), kept until a
+    parameter's version counter moves."""
     versions = [(id(p), p._version) for p in model.parameters()]
     kept = getattr(model, "_fingerprint", None)
     if kept is None or kept[0] != versions:
@@ -627,28 +602,13 @@ def parameter_fingerprint(model):
 # ----------------------------------------------------------------------------- graph mode
 
 class GraphedForward(EagerForward):
-    """The model forward over a chunk, replayed from CUDA graphs: one host call per forward (GPU only).
+    """The model forward over a chunk, replayed from CUDA graphs (GPU only). What a graph reads stays at
+    fixed addresses (static inputs here, caches and text K/V in the VideoState); commit and eviction are
+    Python around the replay, so a graph's key is what each rank's cache holds (VideoState.visible). A new
+    key costs an eager warm-up, a barrier, the capture and a first replay, under a Deadline."""
 
-    Why: split over 2 GPUs, one Wan-1.3B forward's ~1000 kernel launches, 60 exchanges and ~90 compiled
-    regions' guard checks took the host longer than the GPU took to run them, so the GPUs sat idle. A
-    graph replays the whole forward, every exchange included, from one launch.
-
-    What makes the forward capturable:
-      * what a graph reads lives at fixed addresses: this object owns static buffers for the tokens, the
-        timestep and the chunk's RoPE rows, and the VideoState keeps its caches and text K/V in place;
-      * a pass writes its chunk's K/V into the cache slots whether or not it commits; committing is
-        bookkeeping after the replay and eviction runs before it (make_room), so the device work depends
-        only on the cached tokens each rank sees (VideoState.visible), the graph's key: one graph per chunk
-        without a window; with a window, every chunk after the window fills shares one. The denoising
-        passes and the clean-context pass of a chunk are the same graph;
-      * nothing inside the forward waits on the host; the ranks' agreement check runs once per video.
-    A new key costs one eager warm-up of the same call (compiles, connects NCCL, plans cuDNN), a barrier,
-    the capture and a first replay, all under a Deadline. Graphs outlive the video: one GraphedForward per
-    video shape (`graphed_forward`), and later videos only replay.
-    """
-
-    def __init__(self, model, state, mode, exchange, timeout_s):
-        super().__init__(model, state, mode)
+    def __init__(self, model, state, exchange, timeout_s):
+        super().__init__(model, state)
         self.exchange, self.timeout_s = exchange, timeout_s
         self.graphs = {}            # visible-cache key -> (graph, output buffer)
         self.pool = None            # one memory pool for all of them: they never run at the same time
@@ -674,7 +634,7 @@ class GraphedForward(EagerForward):
         return output
 
     def capture(self, x, timestep, layout):
-        run = lambda: self.model(x, timestep, layout, self.state, self.mode)
+        run = lambda: self.model(x, timestep, layout, self.state)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):   # warm-up, off the capture: compile, NCCL connections, cuDNN plans
@@ -702,16 +662,15 @@ def capture_deadline(seconds, what):
 @functools.lru_cache(maxsize=4)
 def graphed_forward(model, mesh, table, batch, cache_plan, options):
     """The GraphedForward of one video shape, built at its first video and reused by every later one."""
-    return GraphedForward(model, VideoState(model, table, cache_plan), options.mode, exchange_name(mesh),
+    return GraphedForward(model, VideoState(model, table, cache_plan), exchange_name(mesh),
                           options.graph_timeout_s)
 
 
 def chunk_forward(model, mesh, table, batch, cache_plan, options):
-    """What runs the model over a chunk: the shape's GraphedForward (kept across videos, with its state), or
-    a fresh eager one with a fresh state."""
+    """The shape's GraphedForward (kept across videos), or a fresh EagerForward, each with its state."""
     if options.graphs:
         return graphed_forward(model, mesh, table, batch, cache_plan, options)
-    return EagerForward(model, VideoState(model, table, cache_plan), options.mode)
+    return EagerForward(model, VideoState(model, table, cache_plan))
 
 
 def exchange_name(mesh):
@@ -719,8 +678,8 @@ def exchange_name(mesh):
 
 
 def finish(timeout_s=120):
-    """Drop every CUDA graph (NCCL cannot tear down a communicator that a live graph still uses: the job
-    would hang at exit), then leave the process group in step with the other ranks."""
+    """Drop every CUDA graph (a live graph keeps NCCL from tearing down: the job would hang at exit), then
+    leave the process group in step with the other ranks."""
     graphed_forward.cache_clear()
     gc.collect()
     with Deadline(timeout_s, "leaving the process group", rank=sp.world()[1]):
@@ -729,15 +688,277 @@ def finish(timeout_s=120):
 
 # ----------------------------------------------------------------------------- weights
 
-def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False):
-    """The model of a preset (a PRESETS name) in `dtype` on `device`: random weights from `seed` (the same on
-    every rank), or a checkpoint's, in any form support/weights.py reads, loaded strictly."""
+def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused"):
+    """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
+    loaded strictly. On a GPU the code around attention runs compiled."""
     torch.manual_seed(seed)
-    model = CausalWanModel(PRESETS[preset]).to(dtype)          # load in the dtype asked for, not through float32
+    on_gpu = torch.device(device).type == "cuda"
+    model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
     if checkpoint:
         weights.load_dit(model, checkpoint, use_ema)
     return model.to(device).eval()
 
 
+# ----------------------------------------------------------------------------- the program
+
+def video_flops(config, video):
+    """FLOPs of a video: 4 denoising passes per chunk, a clean-context pass for all but the last."""
+    tokens, total = video.chunk_frames * video.tokens_per_frame, 0
+    for c in range(video.num_chunks):
+        passes = len(DENOISING_STEPS) + (c + 1 < video.num_chunks)
+        total += passes * forward_flops(config, tokens, (c + 1) * tokens)
+    return total
+
+
+def forward_flops(config, tokens, visible_keys):
+    """One forward: the linear layers (text K/V excluded: once per video), self- and cross-attention."""
+    linear = 2 * tokens * (6 * config.dim ** 2 + 2 * config.dim * config.ffn_dim)   # q k v o, cross q o, ffn
+    attention = 4 * tokens * (visible_keys + config.text_len) * config.dim      # QK^T, PV: self + cross
+    return config.num_layers * (linear + attention)
+
+
+def cpu_estimate(config, video):
+    """(what a CPU run costs, in a line, where over 100x the tiny default run, else None; its minutes)."""
+    flops = video_flops(config, video)
+    scale = video_flops(PRESETS["tiny"], VideoSpec(21, *PRESET_SIZE["tiny"]))
+    minutes = flops / 30e9 / 60
+    parameters = (config.num_layers * (8 * config.dim ** 2 + 2 * config.dim * config.ffn_dim)
+                  + config.text_dim * config.dim)
+    gib = 4 * (parameters + config.num_layers * video.frames * video.tokens_per_frame * 2 * config.dim) / 2**30
+    line = (f"this CPU run needs about {flops / 1e12:,.1f} TFLOP and {gib:.1f} GiB of float32 weights and cache "
+            f"({flops / scale:,.0f}x the tiny preset's default run): at a few tens of GFLOP/s "
+            f"{f'about {minutes:,.0f} min' if minutes >= 1 else 'under a minute'}")
+    return line if flops >= 100 * scale else None, minutes
+
+
+def parser(doc=__doc__, output="out/latents.pt"):
+    """06's flags, in groups; stage 07 and the bench and verify programs add theirs."""
+    p = Parser(doc, flag_problem)
+    video = p.add_argument_group("the video")
+    video.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    video.add_argument("--frames", type=positive, default=21, help="latent frames (21 = 81 video frames)")
+    video.add_argument("--height", type=positive, default=None, help="video height in pixels (preset default)")
+    video.add_argument("--width", type=positive, default=None, help="video width in pixels (preset default)")
+    video.add_argument("--window-frames", type=positive, default=None, help="local attention window (latent frames)")
+    video.add_argument("--seed", type=non_negative, default=0)
+    inputs = p.add_argument_group("weights, text and output")
+    inputs.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt, safetensors or a diffusers release "
+                                             "(random weights when absent)")
+    inputs.add_argument("--use-ema", action="store_true", help="take 'generator_ema' from a Self-Forcing file")
+    inputs.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
+    inputs.add_argument("--prompt", help="a text prompt, encoded with the umT5 of --wan-folder (optional packages)")
+    inputs.add_argument("--wan-folder", help="a local Wan2.1 diffusers release (text_encoder/, tokenizer/)")
+    inputs.add_argument("--output", default=output, help=f"where the result is saved (default {output})")
+    how = p.add_argument_group("how it runs")
+    how.add_argument("--ring", type=positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
+    how.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                     help="default bfloat16 on GPU, float32 on CPU")
+    how.add_argument("--mode", choices=fused.MODES, default="fused", help="stage 05's attention layer")
+    how.add_argument("--no-graph", action="store_true",
+                     help="GPU: launch every kernel from Python instead of replaying CUDA graphs")
+    how.add_argument("--exchange", choices=["nccl", "symm"], default="nccl",
+                     help="GPU: the Ulysses all-to-all as NCCL calls, or as peer copies into symmetric memory")
+    how.add_argument("--graph-timeout", type=float, default=300,
+                     help="seconds a CUDA graph capture and its first replay may take before every rank stops")
+    how.add_argument("--allow-cpu", action="store_true",
+                     help="run on the CPU even where that takes over 100x the tiny preset's default run")
+    return p
+
+
+def flag_spelling(name, value):
+    """A setting named as its flag: --window-frames 2; settings that are no flag are named by value."""
+    flags = {"frames", "height", "width", "window_frames"}
+    return f"--{name.replace('_', '-')} {value}" if name in flags else f"{value}"
+
+
+def video_spec(args):
+    """The video the flags ask for: the preset's size unless --height / --width say otherwise."""
+    height, width = PRESET_SIZE[args.preset]
+    return VideoSpec(args.frames, args.height or height, args.width or width, window_frames=args.window_frames)
+
+
+def flag_problem(args):
+    """What is wrong with the flags alone (a message), found alike on every rank before any set-up."""
+    named = [f for f in ("checkpoint", "text_embedding", "prompt", "wan_folder", "output", "vae", "video")
+             if getattr(args, f, None) is not None and not getattr(args, f).strip()]
+    if named:
+        return f"--{named[0].replace('_', '-')} is empty"
+    problem = video_spec(args).problem(spell=flag_spelling)
+    if problem:
+        return problem
+    heads, world_size = PRESETS[args.preset].num_heads, int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ring is not None and (world_size % args.ring or heads % (world_size // args.ring)):
+        return (f"--ring {args.ring} does not fit {world_size} rank(s): the ring degree must divide the world "
+                f"size, and the rest (the Ulysses degree) the {heads} heads; choose from "
+                f"{[r for _, r in sp.factorizations(world_size, heads)]}")
+    if args.seed >= 2**63:
+        return f"--seed {args.seed} is too large (at most {2**63 - 1})"
+    if not 1 <= args.graph_timeout <= 1e6:
+        return f"--graph-timeout must be a number of seconds from 1 to 1000000, got {args.graph_timeout}"
+    if args.wan_folder and not args.prompt:
+        return "--wan-folder is read only with --prompt"
+    problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding, getattr(args, "video", None))
+    if problem or torch.cuda.is_available():
+        return problem
+    if args.exchange == "symm":
+        return "--exchange symm needs GPUs (symmetric memory is CUDA memory)"
+    estimate, minutes = cpu_estimate(PRESETS[args.preset], video_spec(args))
+    if (args.preset != "tiny" or minutes > 10) and not args.allow_cpu:
+        if estimate is None:
+            return f"no GPU here: --preset {args.preset} is the real model, slow on a CPU; --allow-cpu runs it anyway"
+        return (f"no GPU here: {estimate}; a smaller --height/--width/--frames fits the CPU, or --allow-cpu runs "
+                "it anyway")
+    return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One command's flags and what they set up on this rank."""
+    name: str                      # the program, as its one-line errors name it
+    args: object
+    video: VideoSpec
+    device: torch.device
+    mesh: object
+    dtype: torch.dtype
+    options: RunOptions
+
+    @property
+    def show(self):
+        return self.mesh.rank == 0
+
+    def describe(self):
+        a, m = self.args, self.mesh
+        gpu = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        return (f"{a.preset}, {m.world_size} x {gpu} (ulysses {m.ulysses_degree} x ring {m.ring_degree}), "
+                f"{self.dtype}, {self.video.frames} latent frames at {self.video.height}x{self.video.width}"
+                f"{', CUDA graphs' if self.options.graphs else ''}")
+
+
+def set_up(args, name, needs_gpus=None):
+    """Join the job and build the mesh the flags ask for. needs_gpus names what needs a GPU per rank."""
+    real = args.preset != "tiny" and not args.allow_cpu
+    needs_gpus = needs_gpus or ("--exchange symm" if args.exchange == "symm" else None) or (
+        f"--preset {args.preset}" if real else None)
+    device = sp.init_distributed(needs_gpus=needs_gpus)
+    mesh = sp.SPMesh.get(*sp.mesh_shape(sp.world()[0], PRESETS[args.preset].num_heads, args.ring), device=device)
+    if args.exchange == "symm":
+        mesh.use_symmetric_memory()
+    estimate = cpu_estimate(PRESETS[args.preset], video_spec(args))[0] if device.type == "cpu" else None
+    if estimate and mesh.rank == 0:
+        print(f"note: {estimate}", flush=True)
+    options = RunOptions(device.type == "cuda" and not args.no_graph, args.graph_timeout)
+    return Run(name, args, video_spec(args), device, mesh, chosen_dtype(args.dtype, device), options)
+
+
+def chosen_dtype(name, device):
+    """A --dtype flag's torch dtype; unset, bfloat16 on GPU and float32 on CPU."""
+    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def read_inputs(run, *more, outputs=("output",)):
+    """[model, text features, what each of `more` builds], rank 0's outputs tried by creating them: every
+    rank ends with the same one-line error, or all go on."""
+    a = run.args
+    problem, built = None, [None, None] + [None] * len(more)
+    if run.show:
+        paths = [(f"--{flag}", getattr(a, flag)) for flag in outputs if getattr(a, flag, None)]
+        problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
+    try:
+        built[0] = model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode)
+        built[1] = weights.load_text(a.text_embedding, model.config, 1, a.seed)
+        built[2:] = [build() for build in more]
+    except BadInput as e:
+        problem = problem or str(e)
+    agree(run, problem)
+    if a.prompt:
+        clock = Clock(run.device)
+        built[1] = extras.prompt_features(a.wan_folder, a.prompt, model.config.text_len, run.device, run.mesh)
+        if run.show:
+            print(f"prompt: {built[1].shape[1]} umT5 tokens in {clock.mark():.1f} s (not in the figures below)")
+    return built
+
+
+def agree(run, problem):
+    """Every rank raises the same one-line BadInput if any rank has a problem (one process: its own line)."""
+    if run.mesh.world_size > 1:
+        run.mesh.agree(run.name, problem)
+    elif problem:
+        raise BadInput(problem)
+
+
+def save_on_rank_zero(run, result, problem=None):
+    """Rank 0 saves result() to --output; a failed save, or rank 0's `problem`, ends every rank with it."""
+    if run.show:
+        try:
+            files.save(result(), run.args.output)
+        except BadInput as e:
+            problem = problem or str(e)
+    agree(run, problem)
+
+
+def time_stream(chunks, device, wait_each=False):
+    """(the chunks, seconds to each hand-out on the device's timeline); wait_each: the host waits too."""
+    clock, kept = Clock(device), []
+    for chunk in chunks:
+        clock.record()
+        if wait_each and device.type == "cuda":
+            torch.cuda.synchronize()
+        kept.append(chunk)
+    return kept, clock.seconds()
+
+
+def warm_up(run, fn):
+    """On GPU, run fn once untimed (compile, capture, as a server would before its first request)."""
+    if run.device.type != "cuda":
+        return None
+    clock = Clock(run.device)
+    fn()
+    return clock.mark()
+
+
+def first_chunk_video(video):
+    return VideoSpec(CHUNK_FRAMES, video.height, video.width, window_frames=video.window_frames)
+
+
+def tolerance(dtype):
+    """The self-checks' bound: reordered sums; in bfloat16, roundings of values up to ~3."""
+    return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 5e-2)
+
+
+def compare_with_one_process(run, run_alone, sharded, what):
+    """With several ranks on the tiny preset (cheap there): the first chunk's result against one process."""
+    if run.mesh.world_size == 1 or run.args.preset != "tiny":
+        return
+    error = check(f"{what} on {run.mesh.world_size} ranks vs one process", sharded,
+                  run_alone(sp.SPMesh(1, 1, run.device, local=True)), tolerance(sharded.dtype))
+    if run.show:
+        print(f"  first chunk's {what} on {run.mesh.world_size} ranks vs one process: max error {error:.1e} "
+              f"({sharded.dtype})")
+
+
+def main(argv=None):
+    """A video's latents after an untimed warm-up one (GPU), timed on the device, saved on rank 0."""
+    run = set_up(parser().parse_args(argv), "06_self_forcing_pipeline")
+    a, video = run.args, run.video
+    model, text = read_inputs(run)
+    latents_stream = lambda: stream(model, text, video, run.mesh, a.seed, run.options)
+    warmup_s = warm_up(run, lambda: list(latents_stream()))
+    chunks, marks = time_stream(latents_stream(), run.device)
+    latents = torch.cat(chunks, dim=2)                                          # [B, 16, F, H/8, W/8]
+    save_on_rank_zero(run, lambda: {"latents": latents.cpu(), "frames": video.frames, "height": video.height,
+                                    "width": video.width, "seed": a.seed, "preset": a.preset})
+    if run.show:
+        print(f"{run.name}: {run.describe()}")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        print(f"  first chunk {marks[0] * 1e3:.1f} ms, total {marks[-1]:.3f} s, {video.video_frames} video frames "
+              f"-> {video.video_frames / marks[-1]:.1f} FPS (latents); latents {tuple(latents.shape)} saved to "
+              f"{a.output}")
+    compare_with_one_process(run, lambda one: generate(model, text, first_chunk_video(video), one, a.seed,
+                                                       run.options), latents[:, :, :CHUNK_FRAMES], "latents")
+    finish(a.graph_timeout)
+
+
 if __name__ == "__main__":
-    run_main(lambda: pipeline_cli.main(sys.modules[__name__]))
+    run_main(main)
+

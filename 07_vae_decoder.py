@@ -2,40 +2,28 @@
 over the ranks in bands of rows.
 
 The idea
-    A frame is what a viewer sees: decoded pixels, not latents. Wan2.1's VAE decoder turns 16-channel
-    latents into RGB, 8x larger in space and 4x longer in time, except that the first latent frame gives
-    one frame: F latent frames -> 4(F - 1) + 1 frames. It is causal in time: every 3-D convolution pads
-    only on the past side, so frame t of the output depends on latent frames <= t. That is what lets it
-    run as the pipeline runs: each chunk of latents that stage 06's stream hands out is decoded at once,
-    with each convolution keeping the last frames it saw (its time cache) for the next chunk, and the
-    frames equal those of decoding the whole video in one call.
+    Wan2.1's VAE decoder turns 16-channel latents into RGB, 8x larger in space and 4x longer in time (the
+    first latent frame gives one frame: F latent frames -> 4(F - 1) + 1 frames). It is causal in time:
+    every 3-D convolution pads only on the past side. So each chunk that stage 06's stream hands out is
+    decoded at once, every convolution keeping its last input frames (its time cache) for the next chunk,
+    and the frames equal those of decoding the whole video in one call.
 
     The decoder, in Wan2.1's names (Wan2.1_VAE.pth loads strictly; a diffusers release's vae/ is renamed):
-        latents * std + mean (per channel)  ->  conv2: 1x1x1 causal conv
-        decoder.conv1: 3x3x3 causal conv (16 -> 384)
+        latents * std + mean  ->  conv2 (1x1x1)  ->  decoder.conv1 (3x3x3, 16 -> 384)
         decoder.middle: residual block, attention over each frame's positions, residual block
-        decoder.upsamples: 4 levels of residual blocks (384, 384, 192, 96 channels); levels 0 and 1 end
-            with 'upsample3d' (a causal time conv doubles the channels, which become two frames, then 2x
-            nearest-exact in space and a 3x3 conv that halves the channels), level 2 with 'upsample2d'
+        decoder.upsamples: 4 levels of 3 residual blocks (384, 384, 192, 96 channels); levels 0 and 1 end
+            with 'upsample3d' (a causal time conv makes two frames of each, then 2x nearest in space and a
+            3x3 conv halving the channels), level 2 with 'upsample2d' (the same without time)
         decoder.head: RMS norm, SiLU, 3x3x3 causal conv (96 -> 3); pixels clamped to [-1, 1]
-    Residual blocks are RMS norm (over channels, learned gamma), SiLU, 3x3x3 causal conv, twice, plus a
-    1x1x1 shortcut where the width changes. The first 'upsample3d' call skips its time conv for the very
-    first latent frame (that is the frame that stays one frame); the time conv's stream starts after it.
+    A residual block is (RMS norm, SiLU, 3x3x3 causal conv) twice, plus a 1x1x1 shortcut where the width
+    changes. The first 'upsample3d' call skips its time conv for the video's first latent frame.
 
-    Sharded: each rank decodes a contiguous band of rows of every frame (uneven bands are fine, the first
-    ranks taking the extra row, as token shards do). Why a halo and not an all-to-all: every layer is
-    local in space except the middle attention. A 3x3 convolution needs only the one row on either side
-    of its band, so before each of them a rank swaps its edge rows with its two neighbours (RowBands.halo:
-    2 sends and 2 receives of one row, point to point), and nothing else moves. An all-to-all (Ulysses)
-    would move the whole activation twice per layer to split it by channel instead. The middle attention
-    is the one layer that sees the whole frame: it all-gathers the keys and values of the latent-size
-    frame and keeps its own queries. Norms are per position, so a band needs no reduction. The time caches
-    are per band: each rank keeps the last frames of its own rows (halo included).
-
-    Cost of the halo per convolution and rank: 2 messages out and 2 in, each one row: channels x frames x
-    width x bytes; at 480x832, bf16, a 3-latent-frame chunk, the largest is 96 ch x 12 frames x 832 x 2 B
-    = 1.9 MB (the top level) and the smallest 384 x 3 x 104 x 2 B = 0.24 MB (latent size). A chunk runs
-    32 such convolutions (conv1, the middle's 4, 24 in the up levels, 3 resample convs, the head's 1).
+    Sharded: each rank decodes a contiguous band of rows of every frame. Every layer but the middle
+    attention is local in space, and a 3x3 convolution needs one row beyond its band on each side: before
+    each one a rank swaps its edge rows with its two neighbours (RowBands: 2 sends, 2 receives), where an
+    all-to-all would move the whole activation twice. The middle attention all-gathers the latent-size
+    frame's keys and values. A chunk runs 33 such convolutions (conv1, the middle's 4, 24 in the up levels,
+    3 resample convs, the head's 1): at 480x832, bf16, 0.24-1.9 MB per message.
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -43,22 +31,21 @@ Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
 
 Uses
     03_sequence_parallel: shard_bounds, gather_shards
-    05_fused_comm: on_device
-    06_self_forcing_pipeline: VAE_STRIDE
+    05_fused_comm: compiled
+    06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
+        generate, warm_up, save_on_rank_zero, tolerance, compare_with_one_process, first_chunk_video,
+        CHUNK_FRAMES, finish
 
 Run
-    python 07_vae_decoder.py                      the tiny pipeline, decoded as it streams: frames, the
-                                                  first frame's latency, streamed == whole decode
-    torchrun --nproc_per_node=8 07_vae_decoder.py the same on 8 ranks (bands of one latent row), against
-                                                  one process
-    python 07_vae_decoder.py --preset wan-1.3b --decoder wan2.1 --bench
-        on one GPU: the DiT and the decoder, chunk by chunk: decode per chunk, the first decoded frame
-        from the call, the whole video end to end, with and without the decode overlapped
-    --vae Wan2.1_VAE.pth (or a diffusers release's vae/ folder) loads real weights; --video out.mp4 writes
-    the frames as they come (optional package imageio with imageio-ffmpeg).
+    python 07_vae_decoder.py                      the tiny pipeline decoded as it streams: the first frame's
+                                                  latency, streamed == whole decode
+    torchrun --nproc_per_node=8 07_vae_decoder.py the same on 8 ranks (bands of one latent row)
+    --vae Wan2.1_VAE.pth loads real weights; --video out.mp4 writes the frames as they come (imageio with
+    imageio-ffmpeg). bench_07.py times it.
 """
+import functools
 import importlib
-import sys
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +53,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from support import pipeline_cli, weights
-from support.harness import BadInput, run_main
+from support import extras, weights
+from support.harness import BadInput, check, run_main
+from support.timing import Clock
 
 sp = importlib.import_module("03_sequence_parallel")
 fused = importlib.import_module("05_fused_comm")
@@ -82,8 +70,7 @@ WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The decoder's shape, in Wan2.1's terms: base width `dim`, `dim_mult` per level (read backwards going
-    up), `num_res_blocks` + 1 residual blocks per level, which of the 3 upsamplers also double time."""
+    """The decoder's shape in Wan2.1's terms (dim_mult per level, read backwards going up)."""
     z_dim: int = 16
     dim: int = 96
     dim_mult: tuple = (1, 2, 4, 4)
@@ -106,9 +93,8 @@ DECODER_PRESETS = {
 # ----------------------------------------------------------------------------- bands of rows
 
 class RowBands:
-    """How every frame's rows are split over the decoder's ranks, and the two exchanges a band needs. The
-    bands are those of `rows` latent rows (shard_bounds); a layer `scale` times larger has bands `scale`
-    times taller. One rank (world_size 1) is the plain decoder: its halo is zeros, its gather a no-op."""
+    """How every frame's rows (`rows` latent rows, bands `scale` times taller at `scale`) are split over the
+    decoder's ranks, and the exchanges a band needs; with one rank, the halo is zeros, the gather a no-op."""
 
     def __init__(self, rows, world_size=1, rank=0, group=None):
         if rows < world_size:
@@ -119,28 +105,25 @@ class RowBands:
 
     @classmethod
     def for_job(cls, rows, mesh):
-        """Bands over every rank of the job, exchanging in a process group of their own, so that the
-        decoder's messages never queue behind (or between) the DiT's in the same communicator."""
+        """Bands over every rank of the job, exchanging in a process group of their own (side_group)."""
         if mesh.world_size == 1:
             return cls(rows)
         cls(rows, mesh.world_size)          # every rank raises the same BadInput here, before the group
-        return cls(rows, mesh.world_size, mesh.rank, mesh.side_group())
+        return cls(rows, mesh.world_size, mesh.rank, side_group(mesh))
 
     def band(self):
         """This rank's latent rows, [first, end)."""
         return self.bounds[self.rank]
 
     def halo(self, x, rows=1):
-        """x [B, C, T, h, W] (this rank's band) with `rows` rows of the neighbours' bands above and below it
-        (zeros at the frame's edges): [B, C, T, h + 2 rows, W]."""
+        """x [B, C, T, h, W] with `rows` neighbour rows above and below (zeros at the edges): [.., h + 2 rows, W]."""
         out = x.new_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4])
         out[:, :, :, rows:-rows] = x
         self.fill_halo(out, x, rows)
         return out
 
     def fill_halo(self, out, x, rows):
-        """Write the halo of band x into the first and last `rows` rows of out [B, C, T, h + 2 rows, W]:
-        the neighbours' edge rows (2 sends and 2 receives, point to point), zeros at the frame's edges."""
+        """Write the neighbours' edge rows (zeros at the frame's edges) into out's first and last `rows` rows."""
         top, bottom = out[:, :, :, :rows], out[:, :, :, -rows:]
         received, ops = [], []
         for peer, mine, theirs in ((self.rank - 1, x[:, :, :, :rows], top),
@@ -165,11 +148,17 @@ class RowBands:
         return sp.gather_shards(x, [(b - a) * scale for a, b in self.bounds], dim=3, group=self.group)
 
 
+@functools.lru_cache(maxsize=None)
+def side_group(mesh):
+    """A second process group of all the ranks (collective), so that a decoder on its own CUDA stream
+    never shares the DiT's NCCL communicator (their calls could interleave differently and hang)."""
+    return dist.new_group(list(range(mesh.world_size)))
+
+
 # ----------------------------------------------------------------------------- the decoder's layers
 
 def rms_norm(x, gamma, eps=1e-12):
-    """Wan's RMS norm over the channels (dim 1) of each position, in float32 or wider, cast back:
-    F.normalize(x) * sqrt(C) * gamma."""
+    """Wan's RMS norm over the channels (dim 1), in float32 or wider: F.normalize(x) * sqrt(C) * gamma."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     out = xf * torch.rsqrt(xf.pow(2).sum(1, keepdim=True).clamp_min(eps * eps)) * x.shape[1] ** 0.5
     return out.type_as(x) * gamma
@@ -183,18 +172,17 @@ class RMSNorm(nn.Module):
     def __init__(self, dim, images=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+        self.norm_silu = norm_silu                  # build_decoder compiles it for a GPU
 
     def forward(self, x, silu=False):
-        """The norm (then SiLU, if asked) of x [B, C, T, H, W]; on GPU one compiled kernel for both."""
+        """The norm (then SiLU, if asked) of x [B, C, T, H, W]."""
         gamma = self.gamma.view(-1, 1, 1, 1)
-        return fused.on_device(norm_silu, x, dynamic=True)(x, gamma) if silu else rms_norm(x, gamma)
+        return self.norm_silu(x, gamma) if silu else rms_norm(x, gamma)
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution of kernel (kt, kh, kw), causal in time. Its input is padded with kt - 1 past frames
-    (the last input frames of the previous call: the time cache in `cache`; zeros before the first), kh // 2
-    rows of the neighbouring bands (zeros at the frame's edge) and kw // 2 zero columns, all written once,
-    into one buffer."""
+    """A 3-D convolution, causal in time: its input padded, in one buffer, with kt - 1 past frames (the time
+    cache; zeros before the first), kh // 2 halo rows and kw // 2 zero columns."""
 
     def __init__(self, in_dim, out_dim, kernel):
         super().__init__(in_dim, out_dim, kernel)
@@ -236,8 +224,7 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """One head over every position of each frame (the decoder's middle, at latent size). Sharded: the
-    keys and values of the whole frame are gathered; each rank keeps the queries of its band."""
+    """One head over each frame's positions; a rank gathers the frame's K/V and keeps its band's queries."""
 
     def __init__(self, dim):
         super().__init__()
@@ -257,8 +244,7 @@ class AttentionBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """Up one level: 'upsample3d' first doubles time (a causal time conv makes 2C channels: frames 2t and
-    2t + 1), then, like 'upsample2d', doubles rows and columns (nearest) and runs a 3x3 conv C -> C/2."""
+    """Up one level: 'upsample3d' doubles time (a causal time conv), then 2x nearest and a 3x3 conv C -> C/2."""
 
     def __init__(self, dim, mode):
         super().__init__()
@@ -312,9 +298,8 @@ class Decoder3d(nn.Module):
 
 
 class WanVAEDecoder(nn.Module):
-    """latents [B, 16, T, h, W] (normalised, as the DiT makes them; this rank's band of rows) -> pixels
-    [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3 for the video's first chunk). `cache` holds every causal
-    convolution's time cache: one dict per video, kept from chunk to chunk."""
+    """latents [B, 16, T, h, W] (this rank's band) -> pixels [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3
+    for the first chunk). `cache`: every causal convolution's time cache, one dict per video."""
 
     def __init__(self, config=DecoderConfig()):
         super().__init__()
@@ -340,9 +325,8 @@ class WanVAEDecoder(nn.Module):
 # ----------------------------------------------------------------------------- decoding a stream
 
 class FrameDecoder:
-    """One video being decoded on this rank: the decoder, the bands, and the time caches, kept from one
-    chunk to the next. decoder(latents) takes a chunk's whole latents [B, 16, T, H/8, W/8] (what stage 06's
-    stream hands every rank), decodes this rank's band and returns the whole frames [B, 3, T', H, W]."""
+    """One video being decoded on this rank: decoder(a chunk's whole latents [B, 16, T, H/8, W/8]) decodes
+    this rank's band, keeping the time caches, and returns the whole frames [B, 3, T', H, W]."""
 
     def __init__(self, vae, bands):
         self.vae, self.bands, self.cache = vae, bands, {}
@@ -356,9 +340,7 @@ class FrameDecoder:
 
 
 def first_frame_apart(chunks):
-    """The stream's chunks, with the video's first latent frame handed on alone: it decodes to the first
-    frame a viewer sees, and alone (the decoder is causal, so its pixels do not change) it gets there
-    sooner than with the rest of its chunk."""
+    """The stream's chunks, the video's first latent frame handed on alone (causal: the same pixels, sooner)."""
     for index, latents in enumerate(chunks):
         if index == 0 and latents.shape[2] > 1:
             yield latents[:, :, :1]
@@ -367,10 +349,8 @@ def first_frame_apart(chunks):
 
 
 def decode_stream(decoder, chunks, overlap=False):
-    """Yield the frames of the latents in `chunks` (stage 06's stream) as they are decoded, on the host,
-    [B, 3, T', H, W] in the decoder's dtype: first the video's first frame alone, then each chunk's frames.
-    overlap (GPU): each is decoded on a CUDA stream of its own (high priority) while the DiT makes the next
-    chunk on the default stream; the host waits only for the frames, not for the DiT."""
+    """Yield each chunk's frames on the host, [B, 3, T', H, W], the first frame alone first. overlap (GPU):
+    decode on a high-priority CUDA stream of its own while the DiT makes the next chunk."""
     chunks = first_frame_apart(chunks)
     device = next(decoder.vae.parameters()).device
     if device.type != "cuda":
@@ -405,14 +385,111 @@ def wait(pending):
 
 
 def build_decoder(preset, dtype, device, seed, path=None):
-    """The decoder of a DECODER_PRESETS name: random weights from `seed` (the same on every rank), or a Wan
-    VAE file's (Wan2.1_VAE.pth, or a diffusers release's vae/), loaded strictly."""
+    """A DECODER_PRESETS decoder: random weights from `seed`, or a Wan VAE file's, loaded strictly. On a GPU
+    each RMS norm + SiLU runs as one compiled kernel (one compilation for every shape)."""
     torch.manual_seed(seed)
     vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
+    if torch.device(device).type == "cuda":
+        for norm in vae.modules():
+            if isinstance(norm, RMSNorm):
+                norm.norm_silu = fused.compiled(norm_silu, dynamic=True)
     return vae.to(device).eval()
+
+# ----------------------------------------------------------------------------- the program
+
+def parser():
+    """06's flags, and the decoder's."""
+    p = sf.parser(__doc__, output="out/frames.pt")
+    p.checks.append(flag_problem)
+    decoder = p.add_argument_group("the decoder")
+    decoder.add_argument("--decoder", choices=sorted(DECODER_PRESETS), default=None,
+                         help="the VAE decoder's shape (default: tiny for --preset tiny, else wan2.1)")
+    decoder.add_argument("--vae", help="Wan2.1_VAE.pth, or a diffusers release (or its vae/ folder): the "
+                                       "decoder's weights (random when absent)")
+    decoder.add_argument("--decoder-dtype", choices=["bfloat16", "float32", "float64"], default=None,
+                         help="default bfloat16 on GPU, float32 on CPU")
+    decoder.add_argument("--video", help="also write the frames as they come to this mp4 (optional packages)")
+    decoder.add_argument("--overlap", action="store_true",
+                         help="GPU: decode each chunk on a CUDA stream of its own, beside the DiT's next chunk")
+    return p
+
+
+def flag_problem(args):
+    rows, world_size = sf.video_spec(args).latent_height, int(os.environ.get("WORLD_SIZE", "1"))
+    if rows < world_size:
+        return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) cannot "
+                f"feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
+    return None
+
+
+def decoder_preset(args):
+    return args.decoder or ("tiny" if args.preset == "tiny" else "wan2.1")
+
+
+def build_job_decoder(run, dtype=None):
+    """The decoder the flags ask for (--decoder-dtype, or `dtype`)."""
+    a = run.args
+    return build_decoder(decoder_preset(a), dtype or sf.chosen_dtype(a.decoder_dtype, run.device), run.device,
+                         a.seed, a.vae)
+
+
+def time_frames(run, model, text, vae, overlap, writer=None):
+    """(frames, host seconds to each chunk's frames, seconds to the end) of one video; closes the writer."""
+    bands = RowBands.for_job(run.video.latent_height, run.mesh)
+    clock, frames, marks = Clock(run.device), [], []
+    chunks = sf.stream(model, text, run.video, run.mesh, run.args.seed, run.options)
+    for pixels in decode_stream(FrameDecoder(vae, bands), chunks, overlap):
+        marks.append(clock.host_seconds())
+        if writer:
+            writer.write(pixels[0])
+        frames.append(pixels)
+    if writer:
+        writer.problem = writer.close()
+    return frames, marks, clock.host_seconds()
+
+
+def main(argv=None):
+    """The frames as they are made (after an untimed warm-up video on GPU), timed, saved on rank 0."""
+    run = sf.set_up(parser().parse_args(argv), "07_vae_decoder")
+    a, video, mesh = run.args, run.video, run.mesh
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
+    model, text, vae = sf.read_inputs(run, lambda: build_job_decoder(run), outputs=("output", "video"))
+    overlap = run.device.type == "cuda" and a.overlap
+    warmup_s = sf.warm_up(run, lambda: time_frames(run, model, text, vae, overlap))
+    writer = extras.VideoWriter(a.video) if a.video and run.show else None
+    frames, marks, total = time_frames(run, model, text, vae, overlap, writer)
+    pixels = torch.cat(frames, dim=2)                                          # [B, 3, T, H, W]
+    sf.save_on_rank_zero(run, lambda: {"frames": extras.to_uint8(pixels[0]), "fps": 16, "seed": a.seed,
+                                       "preset": a.preset}, writer and writer.problem)
+    T, H, W = pixels.shape[2:]
+    if run.show:
+        print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
+              f"{', overlapped on its own CUDA stream' if overlap else ''})")
+        if warmup_s is not None:
+            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
+              f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; all {T} frames in "
+              f"{total:.3f} s -> {T / total:.1f} FPS, decoded frames [{T}, {H}, {W}, 3] saved to {a.output}"
+              f"{f', mp4 {a.video}' if writer else ''}")
+    if a.preset == "tiny":    # cheap here: decoding the whole video in one call gives the same frames
+        latents = sf.generate(model, text, video, mesh, a.seed, run.options)
+        whole = FrameDecoder(vae, RowBands.for_job(video.latent_height, mesh))(latents).cpu()
+        error = check("streamed vs whole decode", pixels, whole, sf.tolerance(vae.dtype))
+        if run.show:
+            print(f"  streamed chunk by chunk vs the whole video decoded at once: max error {error:.1e}")
+    sf.compare_with_one_process(run, lambda one: one_process_frames(run, model, text, vae, one),
+                                pixels[:, :, :4 * sf.CHUNK_FRAMES - 3], "frames")
+    sf.finish(a.graph_timeout)
+
+
+def one_process_frames(run, model, text, vae, mesh):
+    latents = sf.generate(model, text, sf.first_chunk_video(run.video), mesh, run.args.seed, run.options)
+    return FrameDecoder(vae, RowBands(run.video.latent_height))(latents).cpu()
 
 
 if __name__ == "__main__":
-    run_main(lambda: pipeline_cli.main(sf, sys.modules[__name__]))
+    run_main(main)
+

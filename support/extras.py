@@ -9,6 +9,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from support import files
+
 EXTRAS = "pip install transformers imageio imageio-ffmpeg"
 
 
@@ -86,6 +88,7 @@ class VideoWriter:
         self.queue = queue.Queue(maxsize=pending)
         self.thread = threading.Thread(target=self._encode, daemon=True)
         self.thread.start()
+        files.on_interrupt.append(self.stop)
 
     def write(self, pixels):
         self.queue.put(pixels)
@@ -108,4 +111,15 @@ class VideoWriter:
             self.writer.close()
         except OSError as e:
             self.error = self.error or e
+        files.on_interrupt.remove(self.stop)
         return self.error and f"--video {self.path}: writing failed ({self.error})"
+
+    def stop(self, seconds=1.0):
+        """An interrupted run: the frames waiting are handed to the encoder (for `seconds` at most), which
+        finishes the file once this process has gone. Returns what the stop's line says of the file."""
+        try:
+            self.queue.put(None, timeout=seconds)
+            self.thread.join(timeout=seconds)
+        except queue.Full:
+            pass
+        return f"{self.path} keeps the {self.count} frames made before the stop (playable)"

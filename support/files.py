@@ -37,6 +37,18 @@ def output_problem(path, flag="--output"):
     return None
 
 
+unfinished = set()          # files being written now, removed if the run is interrupted
+on_interrupt = []           # callables run if the run is interrupted; each returns a note for the stop's line
+
+
+def remove_unfinished():
+    for path in list(unfinished):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def save(obj, path, flag="--output"):
     """torch.save atomically (a temporary file renamed over `path`); a special file (/dev/null, a pipe) is
     written directly, since a rename would replace it. If writing fails after all (a full disk), the object
@@ -47,12 +59,14 @@ def save(obj, path, flag="--output"):
             return path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        unfinished.add(tmp)
         try:
             torch.save(obj, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            unfinished.discard(tmp)
         return path
     except OSError as e:
         reason = e.strerror or type(e).__name__

@@ -1,8 +1,10 @@
 """Self-checks, the command line and where a rank runs: the small harness every stage uses."""
 import argparse
 import os
+import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -21,18 +23,19 @@ class BadInput(ValueError):
 
 class Parser(argparse.ArgumentParser):
     """The stages' argument parser: a bad flag ends the process with one line, 'error: ...' (exit code 2).
-    `check(args)` runs after parsing: it returns a message for flags that do not fit together, or None."""
+    Each of `checks` (a list; a program adding flags appends its own) runs after parsing: check(args) returns
+    a message for flags that do not fit together, or None."""
 
-    def __init__(self, doc, check=None):
+    def __init__(self, doc, *checks):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        self.check = check
+        self.checks = list(checks)
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
 
     def parse_args(self, *args, **kwargs):
         parsed = super().parse_args(*args, **kwargs)
-        problem = self.check(parsed) if self.check else None
+        problem = next(filter(None, (check(parsed) for check in self.checks)), None)
         if problem:
             self.error(problem)
         return parsed
@@ -54,8 +57,10 @@ def non_negative(text):
 
 
 def run_main(main):
-    """Run a stage's main(). BadInput (which every rank raises alike, before any collective) ends this rank
-    with one line 'error: ...' and exit code 2; any other exception is a bug and keeps its traceback."""
+    """Run a program's main(). BadInput (which every rank raises alike, before any collective) ends this rank
+    with one line 'error: ...' and exit code 2; Ctrl-C ends it within a second (stop_on_interrupt); any other
+    exception is a bug and keeps its traceback."""
+    stop_on_interrupt()
     try:
         main()
     except BadInput as e:
@@ -64,6 +69,51 @@ def run_main(main):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise SystemExit(2)
+    except KeyboardInterrupt as e:
+        interrupted(STOPS[e.args[0] if e.args else signal.SIGINT])
+
+
+_interrupt = threading.Lock()
+STOPS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM: the job is being stopped, or a peer rank died"}
+
+
+def stop_on_interrupt(grace_s=1.0):
+    """Ctrl-C (SIGINT; torchrun sends it to every rank) or SIGTERM (what torchrun sends the other ranks when
+    one dies) ends this process with exit code 130 and one line from rank 0. Python raises in the main
+    thread only between bytecodes, and a rank can sit in a collective for as long as its peers take to
+    leave: so the signal also wakes a thread (through the wakeup fd, written whichever thread the signal
+    lands on), which ends the process after grace_s."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signum)
+    for signum in STOPS:
+        signal.signal(signum, stop)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        while (signum := os.read(read_fd, 1)[0]) not in STOPS:
+            pass
+        time.sleep(grace_s)
+        interrupted(STOPS[signum])
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def interrupted(why="Ctrl-C"):
+    """Remove half-written outputs, finish the streamed ones (an mp4 keeps what was made), say so once (rank
+    0), and leave at once: os._exit, since a clean exit would wait for peers in a collective and print
+    their tracebacks."""
+    from support.files import on_interrupt, remove_unfinished
+    _interrupt.acquire()
+    remove_unfinished()
+    notes = [note for note in (finish() for finish in list(on_interrupt)) if note]
+    if is_rank_zero():
+        kept = "".join(f"; {note}" for note in notes)
+        sys.stderr.write(f"interrupted ({why}): stopped; tensor outputs are written whole or not at all{kept}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def is_rank_zero():

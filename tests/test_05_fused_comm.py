@@ -29,7 +29,7 @@ def run_layer(mesh_shape, case, mode, use_cache):
     layer, table, x_chunks = make_case(*case)
     mesh = sp.SPMesh.get(*mesh_shape)
     with torch.no_grad():
-        return fused.run_layer_chunks(layer, x_chunks, mesh, table, case[3], mode, use_cache)
+        return fused.run_layer_chunks(fused.with_mode(layer, mode), x_chunks, mesh, table, case[3], use_cache)
 
 
 def run_all_modes(mesh_shape, case, use_cache):
@@ -46,8 +46,8 @@ def test_fused_equals_unfused_equals_one_process(world_size, data, heads, head_d
     case = (heads * head_dim, heads, chunks, chunk_frames, height, width, seed)
     layer, table, x_chunks = make_case(*case)
     with torch.no_grad():
-        want = fused.run_layer_chunks(layer, x_chunks, sp.SPMesh(1, 1, local=True), table, chunk_frames,
-                                      "unfused", use_cache)
+        want = fused.run_layer_chunks(fused.with_mode(layer, "unfused"), x_chunks, sp.SPMesh(1, 1, local=True),
+                                      table, chunk_frames, use_cache)
     per_rank = get_pool(world_size).run(run_all_modes, mesh_shape, case, use_cache)
     for m, mode in enumerate(fused.MODES):
         for c in range(chunks):
@@ -86,6 +86,5 @@ def test_wrong_input_on_one_rank_raises_everywhere():
 
 
 def test_unknown_mode_is_rejected():
-    layer, table, x_chunks = make_case(12, 2, 1, 1, 2, 2, 0)
     with pytest.raises(ValueError, match="mode must be one of"):
-        fused.run_layer_chunks(layer, x_chunks, sp.SPMesh(1, 1, local=True), table, 1, "fast")
+        fused.CausalSelfAttention(12, 2, mode="fast")

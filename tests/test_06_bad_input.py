@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rank_pool import RankError, get_pool
-from support import files, pipeline_cli as cli
+from support import files
 
 sp = importlib.import_module("03_sequence_parallel")
 sf = importlib.import_module("06_self_forcing_pipeline")
@@ -23,11 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--height", "40"], "--height 40 must be a multiple of 16"),
     (["--frames", "7"], "--frames 7 must be a multiple of 3"),
     (["--window-frames", "2"], "--window-frames 2 must be >= 3"),
-    (["--graph-timeout", "0"], "--graph-timeout must be a positive number of seconds"),
+    (["--graph-timeout", "0"], "--graph-timeout must be a number of seconds from 1 to 1000000"),
+    (["--graph-timeout", "inf"], "--graph-timeout must be a number of seconds from 1 to 1000000"),
+    (["--seed", str(2**64)], f"--seed {2**64} is too large"),
+    (["--output", ""], "--output is empty"),
+    (["--wan-folder", "x"], "--wan-folder is read only with --prompt"),
+    (["--prompt", "a fox", "--text-embedding", "t.pt"], "give --prompt or --text-embedding, not both"),
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.build_parser(sf).parse_args(argv)
+        sf.parser().parse_args(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
@@ -35,7 +40,7 @@ def test_a_bad_flag_is_one_line(argv, message, capsys):
 def test_a_ring_that_does_not_fit_the_ranks_names_the_choices(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        cli.build_parser(sf).parse_args(["--ring", "3"])
+        sf.parser().parse_args(["--ring", "3"])
     assert "--ring 3 does not fit 2 rank(s)" in capsys.readouterr().err
 
 
@@ -54,11 +59,10 @@ def bad_files(tmp):
 
 def read_inputs_on_rank(overrides):
     """Stage 06's input checks on this rank, with the default flags except `overrides`."""
-    args = cli.build_parser(sf).parse_args([])
+    args = sf.parser().parse_args([])
     vars(args).update(overrides)
-    cpu = torch.device("cpu")
-    cli.read_inputs(cli.Job(sf, None, args, cli.video_spec(sf, args), cpu, sp.SPMesh.get(2, 1), torch.float32,
-                            sf.RunOptions(graphs=False)))
+    sf.read_inputs(sf.Run("06_self_forcing_pipeline", args, sf.video_spec(args), torch.device("cpu"),
+                          sp.SPMesh.get(2, 1), torch.float32, sf.RunOptions(graphs=False)))
     return "ok"
 
 
@@ -100,9 +104,9 @@ def test_a_special_file_is_written_in_place(tmp_path):
 
 
 def test_a_cpu_run_far_beyond_the_tiny_preset_says_so():
-    assert cli.cpu_estimate(sf, sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96)) is None
-    line = cli.cpu_estimate(sf, sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
-    assert line.startswith("note: this CPU run needs about") and "TFLOP" in line and "GiB" in line
+    assert sf.cpu_estimate(sf.PRESETS["tiny"], sf.VideoSpec(21, 64, 96))[0] is None
+    line, minutes = sf.cpu_estimate(sf.PRESETS["wan-1.3b"], sf.VideoSpec(21, 480, 832))
+    assert line.startswith("this CPU run needs about") and "TFLOP" in line and "GiB" in line and minutes > 100
 
 
 def test_a_misspelt_setting_is_an_error_not_a_default():

@@ -229,7 +229,7 @@ def graph_keys(mesh_shape, chunks, window, local=False):
     model = sf.build_model("tiny", torch.float64, "cpu", 0)
     table = sf.rope.RopeTable(model.config.head_dim, 3 * chunks, 2, 3, dtype=torch.float64)
     plan = sf.VideoSpec(3 * chunks, 32, 48, window_frames=window).cache_plan
-    forward = sf.GraphedForward(model, sf.VideoState(model, table, plan), "fused", "none", 60)
+    forward = sf.GraphedForward(model, sf.VideoState(model, table, plan), "none", 60)
     forward.state.start(model.text_context(torch.zeros(1, 4, model.config.text_dim, dtype=torch.float64)))
     keys = []
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""Each stage file says, in its header's "Uses" block, exactly what it takes from the earlier stages, and
-takes from them only what they define (the shared harness comes from the support package, not through a
-stage)."""
+"""Each stage file (and each benchmark or verification program) says, in its header's "Uses" block, exactly
+what it takes from the stages, and takes from them only what they define (the shared harness comes from the
+support package, not through a stage)."""
 import ast
 import glob
 import os
@@ -10,6 +10,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py")))
+# the benchmark and verification programs import the stages as a user's script would: their headers too
+PROGRAMS = sorted(os.path.basename(p) for pattern in ("bench_*.py", "verify_*.py")
+                  for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
 def parse(stage):
@@ -56,13 +59,13 @@ def defined(stage):
     return names
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + PROGRAMS)
 def test_the_uses_block_names_exactly_what_the_stage_takes(stage):
     tree = parse(stage)
     assert declared(tree) == taken(tree)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + PROGRAMS)
 def test_a_stage_takes_from_earlier_stages_only_what_they_define(stage):
     for earlier, names in taken(parse(stage)).items():
         assert earlier < stage, f"{stage} imports the later stage {earlier}"

@@ -1,7 +1,10 @@
 """The support package's rules that the CPU can show: where a rank runs, outputs tried before the run and
 never lost after it, and device-timeline clocks."""
+import ast
 import errno
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -99,3 +102,33 @@ def test_a_minute_report_has_one_row_per_minute_of_video(capsys):
         report.add(12, chunk * 0.5)
     assert len(report.rows) == 199 * 12 // 960 and all(abs(fps - 24) < 0.5 for fps, _, _ in report.rows)
     assert capsys.readouterr().out.startswith("  minute 1: 24.")
+
+
+def stage_aliases():
+    """The names stages give each other: `sf = importlib.import_module("06_self_forcing_pipeline")`."""
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py")) + glob.glob(os.path.join(ROOT, "bench_*.py")):
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.Assign) and "import_module" in ast.unparse(node.value):
+                names.add(node.targets[0].id)
+    return names
+
+
+def test_support_is_generic():
+    """support/ names no stage, imports none, is handed none: no stage module name in its source, no
+    import_module, no parameter or name spelt like a stage's alias; and it imports with every stage blocked."""
+    aliases = stage_aliases()
+    assert {"sp", "sf", "dec"} <= aliases
+    for path in glob.glob(os.path.join(ROOT, "support", "*.py")):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                        and re.search(r"\b\d\d_[a-z]", node.value)), (path, node.value)
+            assert not (isinstance(node, ast.Attribute) and node.attr == "import_module"), path
+            assert not (isinstance(node, ast.arg) and node.arg in aliases), (path, node.arg)
+            assert not (isinstance(node, ast.Name) and node.id in aliases), (path, node.id)
+    stages = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*.py"))]
+    blocked = f"import sys; sys.modules.update(dict.fromkeys({stages!r})); " + "; ".join(
+        f"import support.{os.path.basename(p)[:-3]}" for p in glob.glob(os.path.join(ROOT, "support", "*.py")))
+    proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,78 @@
+"""The stages' commands on input a CPU can show: bfloat16 runs, the real model stops with one line where
+there is no GPU, Ctrl-C ends every rank with one line from rank 0 (exit code 130) and no half-written
+output."""
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+sf = importlib.import_module("06_self_forcing_pipeline")
+dec = importlib.import_module("07_vae_decoder")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def command(*argv, timeout=60):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def test_bfloat16_runs_on_the_cpu(tmp_path):
+    proc = command("06_self_forcing_pipeline.py", "--dtype", "bfloat16", "--frames", "3",
+                   "--output", str(tmp_path / "latents.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(tmp_path / "latents.pt")["latents"].isfinite().all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the machine without a GPU")
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "wan-1.3b"], "error: no GPU here: this CPU run needs about 949.9 TFLOP"),
+    (["--preset", "wan-1.3b", "--height", "16", "--width", "16", "--frames", "3"],
+     "error: no GPU here: --preset wan-1.3b is the real model, slow on a CPU; --allow-cpu runs it anyway"),
+    (["--frames", "300", "--height", "512", "--width", "512"], "error: no GPU here: this CPU run needs about"),
+    (["--exchange", "symm"], "error: --exchange symm needs GPUs"),
+])
+def test_a_run_too_big_for_the_cpu_stops_with_one_line(argv, message):
+    proc = command("07_vae_decoder.py", *argv)
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+
+
+def test_more_ranks_than_latent_rows_is_a_bad_flag(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        dec.parser().parse_args(["--height", "16", "--width", "16", "--frames", "3"])
+    assert "cannot feed 4 ranks" in capsys.readouterr().err
+
+
+def interrupt(argv, tmp_path):
+    """Start a long run, wait for its first line (set-up done, work starting), send SIGINT, wait for the end."""
+    out = tmp_path / "frames.pt"
+    proc = subprocess.Popen([*argv, "--frames", "60", "--height", "256", "--width", "256", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    assert proc.stdout.readline().startswith("note: this CPU run needs")
+    time.sleep(1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert not os.listdir(tmp_path), os.listdir(tmp_path)        # nothing written, not even a temporary file
+    return proc.returncode, stderr.splitlines(), time.monotonic() - sent
+
+
+def test_ctrl_c_ends_a_run_with_one_line(tmp_path):
+    code, lines, seconds = interrupt([sys.executable, "07_vae_decoder.py"], tmp_path)
+    assert code == 130 and lines == ["interrupted (Ctrl-C): stopped; tensor outputs are written whole or not at all"]
+    assert seconds < 3
+
+
+def test_ctrl_c_on_torchrun_ends_every_rank_with_one_line(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    code, lines, seconds = interrupt([*torchrun, "07_vae_decoder.py"], tmp_path)
+    ours = [line for line in lines if not line.startswith(("W1", "E1", "I1"))]     # torchrun's log lines
+    assert ours.count("interrupted (Ctrl-C): stopped; tensor outputs are written whole or not at all") == 1, lines
+    assert not [line for line in lines if "07_vae_decoder.py" in line], lines     # no rank's traceback
+    assert seconds < 5
