@@ -46,6 +46,7 @@ Run
     the tiny preset, checks the first chunk against one process. bench_06.py times it, verify_06.py checks
     graphs against eager on GPUs.
 """
+import argparse
 import bisect
 import collections
 import contextlib
@@ -55,6 +56,7 @@ import gc
 import importlib
 import math
 import os
+import statistics
 import struct
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -572,19 +574,27 @@ def validate(model, mesh, video, schedule):
 
 def schedule_problem(schedule, chunk_frames, config):
     """What is wrong with a prompt schedule (a message), or None."""
-    if not schedule or schedule[0][0] != 0:
-        return "a prompt schedule starts with a prompt at frame 0"
-    for (frame, _), (later, _) in zip(schedule, schedule[1:]):
-        if later <= frame:
-            return f"prompt frames must increase, got {frame} then {later}"
-        if -(-frame // chunk_frames) == -(-later // chunk_frames):
-            return (f"prompts at frames {frame} and {later} would both begin with the chunk at frame "
-                    f"{-(-later // chunk_frames) * chunk_frames}; a chunk runs under one prompt")
+    problem = switch_frames_problem([frame for frame, _ in schedule], chunk_frames)
+    if problem:
+        return problem
     for frame, text in schedule:
         if (text.dim() != 3 or text.shape[2] != config.text_dim or text.shape[1] > config.text_len
                 or text.shape[0] != schedule[0][1].shape[0]):
             return (f"text embedding{f' at frame {frame}' if frame else ''} is {tuple(text.shape)}, expected "
                     f"[batch, <= {config.text_len}, {config.text_dim}] (one batch for every prompt)")
+    return None
+
+
+def switch_frames_problem(starts, chunk_frames):
+    """What is wrong with the first frames of a schedule's prompts (a message), or None."""
+    if not starts or starts[0] != 0:
+        return "a prompt schedule starts with a prompt at frame 0"
+    for frame, later in zip(starts, starts[1:]):
+        if later <= frame:
+            return f"prompt frames must increase, got {frame} then {later}"
+        if -(-frame // chunk_frames) == -(-later // chunk_frames):
+            return (f"prompts at frames {frame} and {later} would both begin with the chunk at frame "
+                    f"{-(-later // chunk_frames) * chunk_frames}; a chunk runs under one prompt")
     return None
 
 
@@ -739,8 +749,17 @@ def parser(doc=__doc__, output="out/latents.pt"):
     video.add_argument("--frames", type=positive, default=21, help="latent frames (21 = 81 video frames)")
     video.add_argument("--height", type=positive, default=None, help="video height in pixels (preset default)")
     video.add_argument("--width", type=positive, default=None, help="video width in pixels (preset default)")
-    video.add_argument("--window-frames", type=positive, default=None, help="local attention window (latent frames)")
+    video.add_argument("--window-frames", type=positive, default=None,
+                       help="latent frames a chunk sees in all, the sink's and its own included (default: all)")
     video.add_argument("--seed", type=non_negative, default=0)
+    long = p.add_argument_group("a long stream")
+    long.add_argument("--sink-frames", type=non_negative, default=0,
+                      help="the stream's first latent frames, which every chunk keeps seeing (whole chunks)")
+    long.add_argument("--switch", type=switch_flag, action="append", default=[], metavar="FRAME[=FILE]",
+                      help="from latent frame FRAME on, the prompt in FILE (umT5 features, as --text-embedding; "
+                           "a prompt's text with --prompt); no FILE: random features (repeat the flag)")
+    long.add_argument("--rebuild-sink", action="store_true",
+                      help="at a switch, re-run the sink under the new prompt too (default: it keeps its own)")
     inputs = p.add_argument_group("weights, text and output")
     inputs.add_argument("--checkpoint", help="Wan2.1 / Self-Forcing .pt, safetensors or a diffusers release "
                                              "(random weights when absent)")
@@ -748,7 +767,8 @@ def parser(doc=__doc__, output="out/latents.pt"):
     inputs.add_argument("--text-embedding", help="tensor file [L, 4096] or [B, L, 4096] of umT5 features")
     inputs.add_argument("--prompt", help="a text prompt, encoded with the umT5 of --wan-folder (optional packages)")
     inputs.add_argument("--wan-folder", help="a local Wan2.1 diffusers release (text_encoder/, tokenizer/)")
-    inputs.add_argument("--output", default=output, help=f"where the result is saved (default {output})")
+    inputs.add_argument("--output", default=output, help=f"where the result is saved (default {output}); 'none': "
+                                                        "kept nowhere (a long stream's memory stays flat)")
     how = p.add_argument_group("how it runs")
     how.add_argument("--ring", type=positive, default=None, help="ring degree (default: most Ulysses the heads allow)")
     how.add_argument("--dtype", choices=["bfloat16", "float32", "float64"], default=None,
@@ -765,16 +785,43 @@ def parser(doc=__doc__, output="out/latents.pt"):
     return p
 
 
+def switch_flag(text):
+    """argparse type of --switch FRAME[=FILE]: (frame >= 1, file or None)."""
+    frame, _, value = text.partition("=")
+    if not frame.isdigit() or int(frame) < 1 or (_ and not value.strip()):
+        raise argparse.ArgumentTypeError(f"expected FRAME or FRAME=FILE with a latent frame >= 1, got {text!r}")
+    return int(frame), value or None
+
+
 def flag_spelling(name, value):
     """A setting named as its flag: --window-frames 2; settings that are no flag are named by value."""
-    flags = {"frames", "height", "width", "window_frames"}
+    flags = {"frames", "height", "width", "window_frames", "sink_frames"}
     return f"--{name.replace('_', '-')} {value}" if name in flags else f"{value}"
 
 
 def video_spec(args):
     """The video the flags ask for: the preset's size unless --height / --width say otherwise."""
     height, width = PRESET_SIZE[args.preset]
-    return VideoSpec(args.frames, args.height or height, args.width or width, window_frames=args.window_frames)
+    return VideoSpec(args.frames, args.height or height, args.width or width, window_frames=args.window_frames,
+                     sink_frames=args.sink_frames, rebuild_sink=args.rebuild_sink)
+
+
+OUTPUT_IN_MEMORY_GIB = 4      # a tensor file is kept in host memory until the run ends: at most this much
+
+
+def kept(args):
+    """Whether the run keeps its result for a tensor file (--output none keeps nothing)."""
+    return args.output != "none"
+
+
+def output_problem(args, gib_per_latent_frame):
+    """A tensor output too large to keep in memory until the end (a message), or None."""
+    gib = args.frames * gib_per_latent_frame
+    if kept(args) and gib > OUTPUT_IN_MEMORY_GIB:
+        return (f"--output {args.output} would hold {gib:.1f} GiB in memory until the run ends (at most "
+                f"{OUTPUT_IN_MEMORY_GIB}); a stream this long: --output none"
+                f"{', with --video to write the frames as they come' if hasattr(args, 'video') else ''}")
+    return None
 
 
 def flag_problem(args):
@@ -783,9 +830,14 @@ def flag_problem(args):
              if getattr(args, f, None) is not None and not getattr(args, f).strip()]
     if named:
         return f"--{named[0].replace('_', '-')} is empty"
-    problem = video_spec(args).problem(spell=flag_spelling)
+    video = video_spec(args)
+    problem = (video.problem(spell=flag_spelling)
+               or switch_frames_problem([0] + [frame for frame, _ in args.switch], video.chunk_frames)
+               or output_problem(args, 16 * video.latent_height * video.latent_width * 4 / 2**30))
     if problem:
-        return problem
+        return problem.replace("prompt frames", "--switch frames").replace("prompts at frames", "--switch frames")
+    if args.prompt and any(value is None for _, value in args.switch):
+        return "--switch with --prompt takes FRAME=TEXT: the prompt's text from that frame on"
     heads, world_size = PRESETS[args.preset].num_heads, int(os.environ.get("WORLD_SIZE", "1"))
     if args.ring is not None and (world_size % args.ring or heads % (world_size // args.ring)):
         return (f"--ring {args.ring} does not fit {world_size} rank(s): the ring degree must divide the world "
@@ -856,26 +908,44 @@ def chosen_dtype(name, device):
 
 
 def read_inputs(run, *more, outputs=("output",)):
-    """[model, text features, what each of `more` builds], rank 0's outputs tried by creating them: every
+    """[model, prompt schedule, what each of `more` builds], rank 0's outputs tried by creating them: every
     rank ends with the same one-line error, or all go on."""
     a = run.args
     problem, built = None, [None, None] + [None] * len(more)
     if run.show:
-        paths = [(f"--{flag}", getattr(a, flag)) for flag in outputs if getattr(a, flag, None)]
+        paths = [(f"--{flag}", getattr(a, flag)) for flag in outputs if getattr(a, flag, None) not in (None, "none")]
         problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
     try:
         built[0] = model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode)
-        built[1] = weights.load_text(a.text_embedding, model.config, 1, a.seed)
+        built[1] = [(0, weights.load_text(a.text_embedding, model.config, 1, a.seed))] + [
+            (frame, None if a.prompt else weights.load_text(value, model.config, 1, a.seed + i, f"--switch {frame}="))
+            for i, (frame, value) in enumerate(a.switch, start=1)]
         built[2:] = [build() for build in more]
     except BadInput as e:
         problem = problem or str(e)
     agree(run, problem)
     if a.prompt:
         clock = Clock(run.device)
-        built[1] = extras.prompt_features(a.wan_folder, a.prompt, model.config.text_len, run.device, run.mesh)
+        texts = [a.prompt] + [value for _, value in a.switch]
+        built[1] = [(frame, extras.prompt_features(a.wan_folder, text, model.config.text_len, run.device, run.mesh))
+                    for (frame, _), text in zip(built[1], texts)]
         if run.show:
-            print(f"prompt: {built[1].shape[1]} umT5 tokens in {clock.mark():.1f} s (not in the figures below)")
+            print(f"prompt: {len(texts)} prompt(s) through umT5 in {clock.mark():.1f} s (not in the figures below)")
     return built
+
+
+def switch_cost(hand_outs, prompts, video):
+    """(median ms from one chunk's hand-out to the next for chunks that follow no switch, mean ms for those
+    that do: their re-cache included), over the chunks that see a full window; None without a switch.
+    hand_outs: seconds to each chunk's hand-out."""
+    starts, C = [frame for frame, _ in prompts], video.chunk_frames
+    full = 0 if video.window_frames is None else -(-video.window_frames // C)
+    gaps = {k: hand_outs[k] - hand_outs[k - 1] for k in range(max(1, full), len(hand_outs))}
+    switched = {k for k in gaps if prompt_of_chunk(starts, k * C) != prompt_of_chunk(starts, (k - 1) * C)}
+    ordinary = [gap for k, gap in gaps.items() if k not in switched and k + 1 not in switched]
+    if not switched or not ordinary:
+        return None
+    return statistics.median(ordinary) * 1e3, statistics.mean(gaps[k] for k in switched) * 1e3
 
 
 def agree(run, problem):
@@ -887,8 +957,9 @@ def agree(run, problem):
 
 
 def save_on_rank_zero(run, result, problem=None):
-    """Rank 0 saves result() to --output; a failed save, or rank 0's `problem`, ends every rank with it."""
-    if run.show:
+    """Rank 0 saves result() to --output (unless none); a failed save, or rank 0's `problem`, ends every rank
+    with it."""
+    if run.show and kept(run.args):
         try:
             files.save(result(), run.args.output)
         except BadInput as e:
@@ -896,28 +967,31 @@ def save_on_rank_zero(run, result, problem=None):
     agree(run, problem)
 
 
-def time_stream(chunks, device, wait_each=False):
-    """(the chunks, seconds to each hand-out on the device's timeline); wait_each: the host waits too."""
+def time_stream(chunks, device, wait_each=False, keep=True):
+    """(the chunks, seconds to each hand-out on the device's timeline); wait_each: the host waits too;
+    keep=False keeps the first chunk only."""
     clock, kept = Clock(device), []
     for chunk in chunks:
         clock.record()
         if wait_each and device.type == "cuda":
             torch.cuda.synchronize()
-        kept.append(chunk)
+        if keep or not kept:
+            kept.append(chunk)
     return kept, clock.seconds()
 
 
 def warm_up(run, fn):
-    """On GPU, run fn once untimed (compile, capture, as a server would before its first request)."""
+    """On GPU, (seconds, fn()) of one untimed run (compile, capture, as a server would before its first
+    request); None on CPU."""
     if run.device.type != "cuda":
         return None
     clock = Clock(run.device)
-    fn()
-    return clock.mark()
+    result = fn()
+    return clock.mark(), result
 
 
 def first_chunk_video(video):
-    return VideoSpec(CHUNK_FRAMES, video.height, video.width, window_frames=video.window_frames)
+    return replace(video, frames=CHUNK_FRAMES)
 
 
 def tolerance(dtype):
@@ -937,24 +1011,29 @@ def compare_with_one_process(run, run_alone, sharded, what):
 
 
 def main(argv=None):
-    """A video's latents after an untimed warm-up one (GPU), timed on the device, saved on rank 0."""
+    """A video's latents after an untimed warm-up (GPU), timed on the device, saved on rank 0."""
     run = set_up(parser().parse_args(argv), "06_self_forcing_pipeline")
     a, video = run.args, run.video
-    model, text = read_inputs(run)
-    latents_stream = lambda: stream(model, text, video, run.mesh, a.seed, run.options)
-    warmup_s = warm_up(run, lambda: list(latents_stream()))
-    chunks, marks = time_stream(latents_stream(), run.device)
+    model, prompts = read_inputs(run)
+    latents_stream = lambda spec: stream(model, prompts, spec, run.mesh, a.seed, run.options)
+    warm = warm_up(run, lambda: time_stream(latents_stream(warm_up_video(video)), run.device, keep=False))
+    chunks, marks = time_stream(latents_stream(video), run.device, keep=kept(a))
     latents = torch.cat(chunks, dim=2)                                          # [B, 16, F, H/8, W/8]
     save_on_rank_zero(run, lambda: {"latents": latents.cpu(), "frames": video.frames, "height": video.height,
                                     "width": video.width, "seed": a.seed, "preset": a.preset})
     if run.show:
         print(f"{run.name}: {run.describe()}")
-        if warmup_s is not None:
-            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        if warm is not None:
+            print(f"  cold start: first chunk {warm[1][1][0]:.1f} s after the call (compile, CUDA graph capture); "
+                  f"warm-up of {warm_up_video(video).frames} latent frames {warm[0]:.1f} s")
         print(f"  first chunk {marks[0] * 1e3:.1f} ms, total {marks[-1]:.3f} s, {video.video_frames} video frames "
-              f"-> {video.video_frames / marks[-1]:.1f} FPS (latents); latents {tuple(latents.shape)} saved to "
-              f"{a.output}")
-    compare_with_one_process(run, lambda one: generate(model, text, first_chunk_video(video), one, a.seed,
+              f"-> {video.video_frames / marks[-1]:.1f} FPS (latents)"
+              f"{f'; latents {tuple(latents.shape)} saved to {a.output}' if kept(a) else ''}")
+        cost = switch_cost(marks, prompts, video)
+        if cost:
+            print(f"  a chunk after a prompt switch {cost[1]:.1f} ms from the chunk before, an ordinary one "
+                  f"{cost[0]:.1f} ms: the switch costs {cost[1] - cost[0]:.1f} ms")
+    compare_with_one_process(run, lambda one: generate(model, prompts, first_chunk_video(video), one, a.seed,
                                                        run.options), latents[:, :, :CHUNK_FRAMES], "latents")
     finish(a.graph_timeout)
 

@@ -33,8 +33,8 @@ Uses
     03_sequence_parallel: shard_bounds, gather_shards
     05_fused_comm: compiled
     06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
-        generate, warm_up, save_on_rank_zero, tolerance, compare_with_one_process, first_chunk_video,
-        CHUNK_FRAMES, finish
+        generate, warm_up, warm_up_video, kept, agree, save_on_rank_zero, switch_cost, tolerance,
+        compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
 
 Run
     python 07_vae_decoder.py                      the tiny pipeline decoded as it streams: the first frame's
@@ -55,7 +55,7 @@ from torch import nn
 
 from support import extras, weights
 from support.harness import BadInput, check, run_main
-from support.timing import Clock
+from support.timing import Clock, MinuteReport
 
 sp = importlib.import_module("03_sequence_parallel")
 fused = importlib.import_module("05_fused_comm")
@@ -417,11 +417,14 @@ def parser():
 
 
 def flag_problem(args):
-    rows, world_size = sf.video_spec(args).latent_height, int(os.environ.get("WORLD_SIZE", "1"))
+    video, world_size = sf.video_spec(args), int(os.environ.get("WORLD_SIZE", "1"))
+    rows = video.latent_height
     if rows < world_size:
         return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) cannot "
                 f"feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
-    return None
+    pixel_bytes = 1 + sf.chosen_dtype(args.decoder_dtype, torch.device("cuda" if torch.cuda.is_available()
+                                                                       else "cpu")).itemsize
+    return sf.output_problem(args, 4 * 3 * video.height * video.width * pixel_bytes / 2**30)  # kept, then 8-bit
 
 
 def decoder_preset(args):
@@ -435,58 +438,73 @@ def build_job_decoder(run, dtype=None):
                          a.seed, a.vae)
 
 
-def time_frames(run, model, text, vae, overlap, writer=None):
-    """(frames, host seconds to each chunk's frames, seconds to the end) of one video; closes the writer."""
-    bands = RowBands.for_job(run.video.latent_height, run.mesh)
+def time_frames(run, model, prompts, vae, overlap, video, writer=None, keep=True, report=None):
+    """(frames, host seconds to each hand-out of frames, seconds to the end) of one video, as a viewer gets
+    them: the first frame alone, then each chunk's. The writer is closed at the end; keep=False keeps the
+    first chunk's frames only; `report` (a MinuteReport) hears of every hand-out."""
+    bands = RowBands.for_job(video.latent_height, run.mesh)
     clock, frames, marks = Clock(run.device), [], []
-    chunks = sf.stream(model, text, run.video, run.mesh, run.args.seed, run.options)
+    chunks = sf.stream(model, prompts, video, run.mesh, run.args.seed, run.options)
     for pixels in decode_stream(FrameDecoder(vae, bands), chunks, overlap):
         marks.append(clock.host_seconds())
         if writer:
             writer.write(pixels[0])
-        frames.append(pixels)
+        if run.args.video:            # a failed mp4 (a full disk) stops every rank now, not at the end
+            sf.agree(run, writer and writer.error and writer.failure())
+        if keep or len(frames) < 2:
+            frames.append(pixels)
+        if report:
+            report.add(pixels.shape[2], marks[-1])
     if writer:
         writer.problem = writer.close()
     return frames, marks, clock.host_seconds()
 
 
 def main(argv=None):
-    """The frames as they are made (after an untimed warm-up video on GPU), timed, saved on rank 0."""
+    """The frames as they are made (after an untimed warm-up on GPU), timed, saved on rank 0."""
     run = sf.set_up(parser().parse_args(argv), "07_vae_decoder")
     a, video, mesh = run.args, run.video, run.mesh
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
-    model, text, vae = sf.read_inputs(run, lambda: build_job_decoder(run), outputs=("output", "video"))
-    overlap = run.device.type == "cuda" and a.overlap
-    warmup_s = sf.warm_up(run, lambda: time_frames(run, model, text, vae, overlap))
+    model, prompts, vae = sf.read_inputs(run, lambda: build_job_decoder(run), outputs=("output", "video"))
+    overlap, keep = run.device.type == "cuda" and a.overlap, sf.kept(a)
+    warm = sf.warm_up(run, lambda: time_frames(run, model, prompts, vae, overlap, sf.warm_up_video(video),
+                                               keep=False))
     writer = extras.VideoWriter(a.video) if a.video and run.show else None
-    frames, marks, total = time_frames(run, model, text, vae, overlap, writer)
+    report = MinuteReport(16, run.device, run.show)
+    frames, marks, total = time_frames(run, model, prompts, vae, overlap, video, writer, keep, report)
     pixels = torch.cat(frames, dim=2)                                          # [B, 3, T, H, W]
     sf.save_on_rank_zero(run, lambda: {"frames": extras.to_uint8(pixels[0]), "fps": 16, "seed": a.seed,
                                        "preset": a.preset}, writer and writer.problem)
-    T, H, W = pixels.shape[2:]
+    T, (H, W) = video.video_frames, pixels.shape[3:]
     if run.show:
         print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
               f"{', overlapped on its own CUDA stream' if overlap else ''})")
-        if warmup_s is not None:
-            print(f"  warm-up (compile, CUDA graph capture, one untimed video) {warmup_s:.1f} s")
+        if warm is not None:
+            print(f"  cold start: first decoded frame {warm[1][1][0]:.1f} s after the call (compile, CUDA graph "
+                  f"capture); warm-up of {sf.warm_up_video(video).frames} latent frames {warm[0]:.1f} s")
         print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
               f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; all {T} frames in "
-              f"{total:.3f} s -> {T / total:.1f} FPS, decoded frames [{T}, {H}, {W}, 3] saved to {a.output}"
+              f"{total:.3f} s -> {T / total:.1f} FPS"
+              f"{f', decoded frames [{T}, {H}, {W}, 3] saved to {a.output}' if keep else ''}"
               f"{f', mp4 {a.video}' if writer else ''}")
-    if a.preset == "tiny":    # cheap here: decoding the whole video in one call gives the same frames
-        latents = sf.generate(model, text, video, mesh, a.seed, run.options)
+        cost = sf.switch_cost(marks[1:], prompts, video)
+        if cost:
+            print(f"  a chunk after a prompt switch {cost[1]:.1f} ms from the chunk before, an ordinary one "
+                  f"{cost[0]:.1f} ms: the switch costs {cost[1] - cost[0]:.1f} ms")
+    if a.preset == "tiny" and keep:    # cheap here: decoding the whole video in one call gives the same frames
+        latents = sf.generate(model, prompts, video, mesh, a.seed, run.options)
         whole = FrameDecoder(vae, RowBands.for_job(video.latent_height, mesh))(latents).cpu()
         error = check("streamed vs whole decode", pixels, whole, sf.tolerance(vae.dtype))
         if run.show:
             print(f"  streamed chunk by chunk vs the whole video decoded at once: max error {error:.1e}")
-    sf.compare_with_one_process(run, lambda one: one_process_frames(run, model, text, vae, one),
+    sf.compare_with_one_process(run, lambda one: one_process_frames(run, model, prompts, vae, one),
                                 pixels[:, :, :4 * sf.CHUNK_FRAMES - 3], "frames")
     sf.finish(a.graph_timeout)
 
 
-def one_process_frames(run, model, text, vae, mesh):
-    latents = sf.generate(model, text, sf.first_chunk_video(run.video), mesh, run.args.seed, run.options)
+def one_process_frames(run, model, prompts, vae, mesh):
+    latents = sf.generate(model, prompts, sf.first_chunk_video(run.video), mesh, run.args.seed, run.options)
     return FrameDecoder(vae, RowBands(run.video.latent_height))(latents).cpu()
 
 

@@ -56,7 +56,7 @@ def first_chunk_forward(run, model, text, graphs, timestep=1000.0):
     x = torch.randn(1, layout.n_local, 4 * model.config.in_dim, device=device, generator=gen)
     t = torch.full((1, video.chunk_frames), timestep, device=device)
     options = dataclasses.replace(run.options, graphs=graphs)
-    forward = sf.chunk_forward(model, run.mesh, table, 1, video.window_frames, options)
+    forward = sf.chunk_forward(model, run.mesh, table, 1, video.cache_plan, options)
     forward.state.start(model.text_context(text.to(device)))
     return lambda: forward(x, t, layout)
 

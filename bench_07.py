@@ -76,12 +76,12 @@ def time_videos(run, timings, model, text, vae):
     clock = Clock(device)
     for _ in range(a.warmup_videos):
         for overlap in (False, True):
-            dec.time_frames(run, model, text, vae, overlap)
+            dec.time_frames(run, model, text, vae, overlap, run.video)
     if run.show:
         print(f"  warm-up ({a.warmup_videos} video(s) each way: compile, capture) {clock.mark():.1f} s, "
               "not timed below")
     for overlap in (False, True) if device.type == "cuda" else (False,):
-        runs = [dec.time_frames(run, model, text, vae, overlap) for _ in range(a.video_repeats)]
+        runs = [dec.time_frames(run, model, text, vae, overlap, run.video) for _ in range(a.video_repeats)]
         first_s = statistics.median(marks[0] for _, marks, _ in runs)
         total_s = statistics.median(total for _, _, total in runs)
         how = "decode overlapped" if overlap else "decode after each chunk"

@@ -112,7 +112,12 @@ class VideoWriter:
         except OSError as e:
             self.error = self.error or e
         files.on_interrupt.remove(self.stop)
-        return self.error and f"--video {self.path}: writing failed ({self.error})"
+        return self.error and self.failure()
+
+    def failure(self):
+        """What went wrong, in a line."""
+        return (f"--video {self.path}: writing failed ({self.error}); the file keeps the frames encoded before "
+                f"it ({self.count})")
 
     def stop(self, seconds=1.0):
         """An interrupted run: the frames waiting are handed to the encoder (for `seconds` at most), which

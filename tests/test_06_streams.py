@@ -168,7 +168,7 @@ def cache_keys(video, switches=()):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sf.VideoState, "visible", record)
         patch.setattr(sf.EagerForward, "__call__", lambda forward, x, t, layout: (
-            forward.state.visible(layout), forward.model(x, t, layout, forward.state, forward.mode))[1])
+            forward.state.visible(layout), forward.model(x, t, layout, forward.state))[1])
         list(sf.stream(model, prompts, video, mesh, options=sf.RunOptions(graphs=False)))
     return keys
 

@@ -42,6 +42,15 @@ def test_a_run_too_big_for_the_cpu_stops_with_one_line(argv, message):
     assert proc.stderr.startswith(message), proc.stderr
 
 
+def test_a_frames_file_too_large_to_keep_is_refused_for_a_stream(capsys):
+    with pytest.raises(SystemExit):
+        dec.parser().parse_args(["--preset", "wan-1.3b", "--frames", "300", "--allow-cpu"])
+    assert capsys.readouterr().err == ("error: --output out/frames.pt would hold 6.7 GiB in memory until the run "
+                                       "ends (at most 4); a stream this long: --output none, with --video to write "
+                                       "the frames as they come\n")
+    dec.parser().parse_args(["--preset", "wan-1.3b", "--frames", "300", "--allow-cpu", "--output", "none"])
+
+
 def test_more_ranks_than_latent_rows_is_a_bad_flag(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit):
@@ -76,3 +85,55 @@ def test_ctrl_c_on_torchrun_ends_every_rank_with_one_line(tmp_path):
     assert ours.count("interrupted (Ctrl-C): stopped; tensor outputs are written whole or not at all") == 1, lines
     assert not [line for line in lines if "07_vae_decoder.py" in line], lines     # no rank's traceback
     assert seconds < 5
+
+
+def test_a_full_disk_stops_the_stream_at_once_with_one_line(monkeypatch, tmp_path):
+    """The mp4 fails after its second write (ENOSPC): the stream stops at the next chunk, not at its end."""
+    import errno
+    from support import extras
+    from support.harness import BadInput
+
+    class FullDisk:
+        writes = 0
+
+        def __init__(self, path):
+            self.path, self.count, self.error = path, 0, None
+
+        def write(self, pixels):
+            FullDisk.writes += 1
+            self.count += pixels.shape[1]
+            if FullDisk.writes == 2:
+                self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        failure = extras.VideoWriter.failure
+    monkeypatch.setattr(extras, "VideoWriter", FullDisk)
+    monkeypatch.setattr(extras, "extras_problem", lambda *args: None)       # as if imageio were installed
+    with pytest.raises(BadInput) as info:
+        dec.main(["--frames", "300", "--window-frames", "9", "--video", str(tmp_path / "v.mp4"), "--output", "none"])
+    assert str(info.value) == (f"--video {tmp_path / 'v.mp4'}: writing failed ([Errno 28] No space left on device); "
+                               "the file keeps the frames encoded before it (9)")
+    assert FullDisk.writes == 2
+
+
+def test_ctrl_c_during_a_stream_leaves_a_playable_mp4_of_what_was_made(tmp_path):
+    """Two ranks streaming into an mp4, interrupted: one line says how many frames the file keeps, and it
+    plays them."""
+    pytest.importorskip("imageio_ffmpeg")
+    import imageio.v3 as iio
+    video = tmp_path / "stream.mp4"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "07_vae_decoder.py", "--frames",
+            "3000", "--window-frames", "12", "--sink-frames", "3", "--switch", "30", "--output", "none",
+            "--video", str(video)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    deadline = time.monotonic() + 60
+    while not (video.exists() and video.stat().st_size > 20000) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    ours = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(ours) == 1, stderr
+    kept = int(ours[0].split("keeps the ")[1].split(" frames")[0])
+    assert ours[0] == ("interrupted (Ctrl-C): stopped; tensor outputs are written whole or not at all; "
+                       f"{video} keeps the {kept} frames made before the stop (playable)")
+    time.sleep(1)                                   # the encoder finishes the file once the rank has gone
+    assert kept >= 32 and iio.imread(video).shape[0] == kept
