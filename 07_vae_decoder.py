@@ -33,7 +33,7 @@ Uses
     03_sequence_parallel: shard_bounds, gather_shards
     05_fused_comm: compiled
     06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
-        generate, warm_up, warm_up_video, kept, agree, save_on_rank_zero, switch_cost, tolerance,
+        generate, warm_up, warm_up_video, kept, output_problem, agree, save_on_rank_zero, switch_cost, tolerance,
         compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
 
 Run
