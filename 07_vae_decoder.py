@@ -432,8 +432,10 @@ def decoder_preset(args):
 
 
 def build_job_decoder(run, dtype=None):
-    """The decoder the flags ask for (--decoder-dtype, or `dtype`)."""
+    """The decoder the flags ask for (--decoder-dtype, or `dtype`). On GPU cuDNN times its algorithms for
+    each convolution shape first: the decoder's shapes repeat every chunk."""
     a = run.args
+    torch.backends.cudnn.benchmark = run.device.type == "cuda"
     return build_decoder(decoder_preset(a), dtype or sf.chosen_dtype(a.decoder_dtype, run.device), run.device,
                          a.seed, a.vae)
 
@@ -464,8 +466,6 @@ def main(argv=None):
     """The frames as they are made (after an untimed warm-up on GPU), timed, saved on rank 0."""
     run = sf.set_up(parser().parse_args(argv), "07_vae_decoder")
     a, video, mesh = run.args, run.video, run.mesh
-    if run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True     # the decoder's conv shapes repeat every chunk: pick the fastest
     model, prompts, vae = sf.read_inputs(run, lambda: build_job_decoder(run), outputs=("output", "video"))
     overlap, keep = run.device.type == "cuda" and a.overlap, sf.kept(a)
     warm = sf.warm_up(run, lambda: time_frames(run, model, prompts, vae, overlap, sf.warm_up_video(video),
