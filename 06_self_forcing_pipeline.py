@@ -15,6 +15,15 @@ The idea
     `stream()` is the loop as a generator of each chunk's latents (stage 07 decodes them as they come);
     `generate()` concatenates them. One VideoState holds a video's KV caches and text K/V.
 
+A stream without an end
+    With sink frames and a window (stage 02) every cache stays the window's size, and time positions
+    never run out (stage 01), so a stream runs as long as its caller reads it. The prompt can change on
+    the way: `stream()` takes a schedule [(first latent frame, umT5 features), ...]. At a switch
+    (`recache`, LongLive's KV re-cache) the text K/V are replaced and the chunks the next chunk will see
+    outside the sink run once more at t = 0 under the new prompt, oldest first, each seeing the sink and
+    the chunks re-run before it; the sink keeps its first prompt's K/V unless VideoSpec.rebuild_sink.
+    `warm_up_video` is the shortest video that captures every graph a stream of any length replays.
+
 Graph mode (the default on GPU)
     Split over GPUs, a forward's kernels get shorter but Python's work does not, so every GPU forward (all
     blocks, the all-to-alls included) is a CUDA graph, captured once per visible-cache length and replayed
@@ -42,9 +51,11 @@ Run
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b \\
         --checkpoint self_forcing_dmd.pt --text-embedding prompt_umt5.pt --output out/latents.pt
-    Prints the first chunk's latency and the whole video's time, saves the latents; with several ranks on
-    the tiny preset, checks the first chunk against one process. bench_06.py times it, verify_06.py checks
-    graphs against eager on GPUs.
+    python 06_self_forcing_pipeline.py --frames 300 --window-frames 12 --sink-frames 3 --switch 150 \
+        --output none                                               a stream with a prompt switch
+    Prints the first chunk's latency and the whole video's time (a switch's cost beside an ordinary
+    chunk's, the cold start on GPU), saves the latents; with several ranks on the tiny preset, checks the
+    first chunk against one process. bench_06.py times it, verify_06.py checks graphs against eager.
 """
 import argparse
 import bisect
