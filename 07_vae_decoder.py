@@ -33,8 +33,8 @@ Uses
     03_sequence_parallel: shard_bounds, gather_shards
     05_fused_comm: compiled
     06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
-        generate, warm_up, warm_up_video, kept, output_problem, agree, save_on_rank_zero, switch_cost, tolerance,
-        compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
+        generate, warm_up, warm_up_video, kept, output_problem, agree, save_on_rank_zero, switch_cost,
+        tolerance, compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
 
 Run
     python 07_vae_decoder.py                      the tiny pipeline decoded as it streams: the first frame's
@@ -116,14 +116,16 @@ class RowBands:
         return self.bounds[self.rank]
 
     def halo(self, x, rows=1):
-        """x [B, C, T, h, W] with `rows` neighbour rows above and below (zeros at the edges): [.., h + 2 rows, W]."""
+        """x [B, C, T, h, W] with `rows` neighbour rows above and below (zeros at the edges):
+        [B, C, T, h + 2 rows, W]."""
         out = x.new_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4])
         out[:, :, :, rows:-rows] = x
         self.fill_halo(out, x, rows)
         return out
 
     def fill_halo(self, out, x, rows):
-        """Write the neighbours' edge rows (zeros at the frame's edges) into out's first and last `rows` rows."""
+        """Write the neighbours' edge rows (zeros at the frame's edges) into out's first and last `rows`
+        rows."""
         top, bottom = out[:, :, :, :rows], out[:, :, :, -rows:]
         received, ops = [], []
         for peer, mine, theirs in ((self.rank - 1, x[:, :, :, :rows], top),
@@ -193,7 +195,7 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         past, rows, cols = kt - 1, kh // 2, kw // 2
         B, C, T, h, W = x.shape
-        padded = x.new_empty(B, C, past + T, h + 2 * rows, W + 2 * cols)   # [past + T, h + 2 halo rows, W + 2]
+        padded = x.new_empty(B, C, past + T, h + 2 * rows, W + 2 * cols)   # [.., past + T, h + 2, W + 2]
         inside = padded[:, :, past:, :, cols:cols + W]
         inside[:, :, :, rows:rows + h] = x
         if rows:
@@ -213,7 +215,8 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Wan2.1's layout, so the names match: residual.{0: norm, 2: conv, 3: norm, 6: conv}
         self.residual = nn.Sequential(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3),
-                                      RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3))
+                                      RMSNorm(out_dim), nn.SiLU(), nn.Identity(),
+                                      CausalConv3d(out_dim, out_dim, 3))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
 
     def forward(self, x, cache, bands):
@@ -235,7 +238,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x, cache, bands):
         B, C, T, h, W = x.shape
         qkv = F.conv3d(self.norm(x), self.to_qkv.weight[:, :, None], self.to_qkv.bias)    # [B, 3C, T, h, W]
-        q, kv = qkv[:, :C], bands.gather(qkv[:, C:])                                      # kv [B, 2C, T, H, W]
+        q, kv = qkv[:, :C], bands.gather(qkv[:, C:])                           # kv [B, 2C, T, H, W]
         per_frame = lambda t: t.permute(0, 2, 3, 4, 1).reshape(B * T, 1, -1, t.shape[1])  # [B*T, 1, pos, c]
         k, v = per_frame(kv).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(per_frame(q), k, v)                         # [B*T, 1, h*W, C]
@@ -244,7 +247,8 @@ class AttentionBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """Up one level: 'upsample3d' doubles time (a causal time conv), then 2x nearest and a 3x3 conv C -> C/2."""
+    """Up one level: 'upsample3d' doubles time (a causal time conv), then 2x nearest and a 3x3 conv
+    C -> C/2."""
 
     def __init__(self, dim, mode):
         super().__init__()
@@ -306,7 +310,7 @@ class WanVAEDecoder(nn.Module):
         self.config = config
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)        # the post-quant conv
         self.decoder = Decoder3d(config)
-        self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once from the config
+        self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once
 
     @property
     def dtype(self):
@@ -315,8 +319,9 @@ class WanVAEDecoder(nn.Module):
     def forward(self, latents, cache, bands):
         key = (self.dtype, latents.device)
         if key not in self.statistics:
-            self.statistics[key] = [torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
-                                    for values in (self.config.latents_mean, self.config.latents_std)]
+            self.statistics[key] = [
+                torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
+                for values in (self.config.latents_mean, self.config.latents_std)]
         mean, std = self.statistics[key]
         z = latents.to(self.dtype) * std + mean
         return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1)
@@ -340,7 +345,8 @@ class FrameDecoder:
 
 
 def first_frame_apart(chunks):
-    """The stream's chunks, the video's first latent frame handed on alone (causal: the same pixels, sooner)."""
+    """The stream's chunks, the video's first latent frame handed on alone (causal: the same pixels,
+    sooner)."""
     for index, latents in enumerate(chunks):
         if index == 0 and latents.shape[2] > 1:
             yield latents[:, :, :1]
@@ -388,7 +394,7 @@ def build_decoder(preset, dtype, device, seed, path=None):
     """A DECODER_PRESETS decoder: random weights from `seed`, or a Wan VAE file's, loaded strictly. On a GPU
     each RMS norm + SiLU runs as one compiled kernel (one compilation for every shape)."""
     torch.manual_seed(seed)
-    vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # load in the dtype asked for, not through float32
+    vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # loaded in the dtype asked for
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
     if torch.device(device).type == "cuda":
@@ -412,7 +418,8 @@ def parser():
                          help="default bfloat16 on GPU, float32 on CPU")
     decoder.add_argument("--video", help="also write the frames as they come to this mp4 (optional packages)")
     decoder.add_argument("--overlap", action="store_true",
-                         help="GPU: decode each chunk on a CUDA stream of its own, beside the DiT's next chunk")
+                         help="GPU: decode each chunk on a CUDA stream of its own, beside the DiT's next "
+                              "chunk")
     return p
 
 
@@ -420,11 +427,11 @@ def flag_problem(args):
     video, world_size = sf.video_spec(args), int(os.environ.get("WORLD_SIZE", "1"))
     rows = video.latent_height
     if rows < world_size:
-        return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) cannot "
-                f"feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
+        return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) "
+                f"cannot feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
     pixel_bytes = 1 + sf.chosen_dtype(args.decoder_dtype, torch.device("cuda" if torch.cuda.is_available()
                                                                        else "cpu")).itemsize
-    return sf.output_problem(args, 4 * 3 * video.height * video.width * pixel_bytes / 2**30)  # kept, then 8-bit
+    return sf.output_problem(args, 4 * 3 * video.height * video.width * pixel_bytes / 2**30)  # then 8-bit
 
 
 def decoder_preset(args):
@@ -481,8 +488,9 @@ def main(argv=None):
         print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
               f"{', overlapped on its own CUDA stream' if overlap else ''})")
         if warm is not None:
-            print(f"  cold start: first decoded frame {warm[1][1][0]:.1f} s after the call (compile, CUDA graph "
-                  f"capture); warm-up of {sf.warm_up_video(video).frames} latent frames {warm[0]:.1f} s")
+            print(f"  cold start: first decoded frame {warm[1][1][0]:.1f} s after the call (compile, CUDA "
+                  f"graph capture); warm-up of {sf.warm_up_video(video).frames} latent frames "
+                  f"{warm[0]:.1f} s")
         print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
               f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; all {T} frames in "
               f"{total:.3f} s -> {T / total:.1f} FPS"
@@ -492,7 +500,7 @@ def main(argv=None):
         if cost:
             print(f"  a chunk after a prompt switch {cost[1]:.1f} ms from the chunk before, an ordinary one "
                   f"{cost[0]:.1f} ms: the switch costs {cost[1] - cost[0]:.1f} ms")
-    if a.preset == "tiny" and keep:    # cheap here: decoding the whole video in one call gives the same frames
+    if a.preset == "tiny" and keep:    # cheap here: decoding the whole video at once gives the same frames
         latents = sf.generate(model, prompts, video, mesh, a.seed, run.options)
         whole = FrameDecoder(vae, RowBands.for_job(video.latent_height, mesh))(latents).cpu()
         error = check("streamed vs whole decode", pixels, whole, sf.tolerance(vae.dtype))
