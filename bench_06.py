@@ -41,7 +41,8 @@ def add_timing_flags(p):
     bench = p.add_argument_group("the benchmark")
     bench.add_argument("--warmup", type=non_negative, default=5, help="untimed calls before each timed row")
     bench.add_argument("--repeats", type=positive, default=20, help="timed calls per row")
-    bench.add_argument("--warmup-videos", type=non_negative, default=1, help="untimed videos (compile, capture)")
+    bench.add_argument("--warmup-videos", type=non_negative, default=1,
+                       help="untimed videos (compile, capture)")
     bench.add_argument("--video-repeats", type=positive, default=5, help="timed videos")
     return bench
 
@@ -73,7 +74,8 @@ def time_videos(videos, device, warmups, repeats, wait_each=False):
 
 
 def report_profile(label, profile, mesh, folder):
-    """Print (rank 0) one profiled forward's host, wall and kernel times; write the profiler table to folder."""
+    """Print (rank 0) one profiled forward's host, wall and kernel times; write the profiler table to
+    folder."""
     host, wall, kernels, table_text = profile
     if mesh.rank != 0:
         return
@@ -81,7 +83,8 @@ def report_profile(label, profile, mesh, folder):
           f"wall {wall:6.2f} ms, GPU kernels {kernels:6.2f} ms")
     if folder:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"profile_{mesh.world_size}gpu_{label.replace(' ', '_')}.txt"), "w") as f:
+        name = f"profile_{mesh.world_size}gpu_{label.replace(' ', '_')}.txt"
+        with open(os.path.join(folder, name), "w") as f:
             f.write(table_text)
 
 
@@ -100,7 +103,8 @@ def main(argv=None):
     timings = Timings(device, run.show, a.warmup, a.repeats)
     chunk_tflop = sf.forward_flops(model.config, tokens, tokens) / 1e12
     video_tflop = sf.video_flops(model.config, video) / 1e12
-    waited = time_videos(videos, device, 0, a.video_repeats, wait_each=True) if device.type == "cuda" else None
+    waited = (time_videos(videos, device, 0, a.video_repeats, wait_each=True) if device.type == "cuda"
+              else None)
     with torch.no_grad(), sf.attention_backends(device):
         # one forward of the first chunk through the forward the videos used, timed last, with the GPU busy
         # for seconds already (timed right after compilation, on an idle GPU, it reads high)
@@ -108,19 +112,21 @@ def main(argv=None):
         timings.add("chunk forward (empty cache)", ms, f"{chunk_tflop / ms * 1e3:6.1f} TFLOP/s of "
                     f"{chunk_tflop:.2f} TFLOP (median of {a.repeats})")
     timings.add("first chunk (4 steps)", first_s * 1e3, "from the call: incl. text K/V, cache set-up")
-    timings.add("whole video", total_s * 1e3, f"{video_tflop / total_s:6.1f} TFLOP/s of {video_tflop:.1f} TFLOP "
-                f"(median of {a.video_repeats})")
+    timings.add("whole video", total_s * 1e3, f"{video_tflop / total_s:6.1f} TFLOP/s of {video_tflop:.1f} "
+                f"TFLOP (median of {a.video_repeats})")
     if waited:
         timings.add("whole video, host waiting for each chunk", waited[2] * 1e3,
                     f"first chunk {waited[1] * 1e3:.1f} ms", versus="whole video")
     if run.show:
-        peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+                if device.type == "cuda" else "")
         print(f"  frames per second {video.video_frames / total_s:.1f} ({video.video_frames} video frames, "
               f"latents){peak}")
     if a.profile and device.type == "cuda":
         with torch.no_grad(), sf.attention_backends(device):
             profiled = [("eager", first_chunk_forward(run, model, text, False))]
-            profiled += [("CUDA graph", first_chunk_forward(run, model, text, True))] if run.options.graphs else []
+            if run.options.graphs:
+                profiled.append(("CUDA graph", first_chunk_forward(run, model, text, True)))
             for label, fn in profiled:
                 report_profile(label, host_and_kernel_ms(fn), run.mesh, a.profile_dir)
     sf.finish(a.graph_timeout)

@@ -45,7 +45,8 @@ def main(argv=None):
               f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), bands of rows "
               f"{[b - f for f, b in bands.bounds]}")
     fresh = lambda z: dec.FrameDecoder(vae, bands)(z)
-    timings.add("decode the first chunk", time_ms(lambda: fresh(latents), device, a.warmup, min(a.repeats, 5)),
+    timings.add("decode the first chunk",
+                time_ms(lambda: fresh(latents), device, a.warmup, min(a.repeats, 5)),
                 f"{4 * video.chunk_frames - 3} frames, fresh time caches")
     timings.add("decode its first latent frame alone",
                 time_ms(lambda: fresh(latents[:, :, :1]), device, a.warmup, min(a.repeats, 5)),
@@ -53,19 +54,21 @@ def main(argv=None):
     decoder = dec.FrameDecoder(vae, bands)
     decoder(latents)
     timings.time("decode a later chunk", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
-    if not extras.missing(["diffusers"]) and mesh.world_size == 1 and a.vae is None and dec.decoder_preset(a) == "wan2.1":
+    wan21 = a.vae is None and dec.decoder_preset(a) == "wan2.1"
+    if not extras.missing(["diffusers"]) and mesh.world_size == 1 and wan21:
         diffusers_decode_rows(timings, latents, vae.dtype, device)
     time_videos(run, timings, model, text, vae)
     if vae.dtype != torch.float32:   # the decoder's dtype against float32, on the same two chunks
-        two = torch.randn(1, 16, 2 * video.chunk_frames, video.latent_height, video.latent_width, device=device,
-                          generator=gen)
+        two = torch.randn(1, 16, 2 * video.chunk_frames, video.latent_height, video.latent_width,
+                          device=device, generator=gen)
         ours, want = (torch.cat([dec.FrameDecoder(m, bands)(two[:, :, c:c + video.chunk_frames]).float()
                                  for c in (0, video.chunk_frames)], dim=2)
                       for m in (vae, dec.build_job_decoder(run, torch.float32)))
+        differ = (extras.to_uint8(ours[0]) != extras.to_uint8(want[0])).float().mean().item()
         if run.show:
             print(f"  pixels, {vae.dtype} vs float32 (2 chunks, values in [-1, 1]): max abs error "
                   f"{(ours - want).abs().max().item():.3e}, relative RMS {relative_rms(ours, want):.2e}, "
-                  f"8-bit values that differ {(extras.to_uint8(ours[0]) != extras.to_uint8(want[0])).float().mean().item():.2%}")
+                  f"8-bit values that differ {differ:.2%}")
     sf.finish(a.graph_timeout)
 
 
@@ -87,7 +90,8 @@ def time_videos(run, timings, model, text, vae):
         how = "decode overlapped" if overlap else "decode after each chunk"
         timings.add(f"first decoded frame, {how}", first_s * 1e3, "from the call (text features given)")
         timings.add(f"whole video end to end, {how}", total_s * 1e3,
-                    f"{run.video.video_frames / total_s:.1f} FPS in decoded frames (median of {a.video_repeats})")
+                    f"{run.video.video_frames / total_s:.1f} FPS in decoded frames (median of "
+                    f"{a.video_repeats})")
     if run.show and device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

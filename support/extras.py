@@ -26,12 +26,14 @@ def extras_problem(prompt, wan_folder, text_embedding, video=None):
     absent = missing(needed)
     if absent:
         flags = " and ".join(f for f, on in (("--prompt", prompt), ("--video", video)) if on)
-        return f"{flags} need{'s' if ' and ' not in flags else ''} the optional packages {', '.join(absent)}: {EXTRAS}"
+        verb = "needs" if " and " not in flags else "need"
+        return f"{flags} {verb} the optional packages {', '.join(absent)}: {EXTRAS}"
     if not prompt:
         return None
     if not wan_folder:
         return "--prompt needs --wan-folder: a local Wan2.1 diffusers release (text_encoder/, tokenizer/)"
-    absent = [name for name in ("text_encoder", "tokenizer") if not os.path.isdir(os.path.join(wan_folder, name))]
+    absent = [name for name in ("text_encoder", "tokenizer")
+              if not os.path.isdir(os.path.join(wan_folder, name))]
     if absent:
         return f"--wan-folder {wan_folder} has no {' or '.join(absent)} folder"
     return None
@@ -116,8 +118,8 @@ class VideoWriter:
 
     def failure(self):
         """What went wrong, in a line."""
-        return (f"--video {self.path}: writing failed ({self.error}); the file keeps the frames encoded before "
-                f"it ({self.count})")
+        return (f"--video {self.path}: writing failed ({self.error}); the file keeps the frames encoded "
+                f"before it ({self.count})")
 
     def stop(self, seconds=1.0):
         """An interrupted run: the frames waiting are handed to the encoder (for `seconds` at most), which

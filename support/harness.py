@@ -110,7 +110,8 @@ def interrupted(why="Ctrl-C"):
     notes = [note for note in (finish() for finish in list(on_interrupt)) if note]
     if is_rank_zero():
         kept = "".join(f"; {note}" for note in notes)
-        sys.stderr.write(f"interrupted ({why}): stopped; tensor outputs are written whole or not at all{kept}\n")
+        stop = f"interrupted ({why}): stopped; tensor outputs are written whole or not at all{kept}\n"
+        sys.stderr.write(stop)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
