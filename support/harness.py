@@ -58,7 +58,8 @@ def non_negative(text):
 
 def run_main(main):
     """Run a program's main(). BadInput (which every rank raises alike, before any collective) ends this rank
-    with one line 'error: ...' and exit code 2; Ctrl-C ends it within a second (stop_on_interrupt); any other
+    with one line 'error: ...' and exit code 2; Ctrl-C ends it within a second (stop_on_interrupt); a
+    collective broken by a rank that died ends it with one line from rank 0 (exit code 1); any other
     exception is a bug and keeps its traceback."""
     stop_on_interrupt()
     try:
@@ -71,6 +72,18 @@ def run_main(main):
         raise SystemExit(2)
     except KeyboardInterrupt as e:
         interrupted(STOPS[e.args[0] if e.args else signal.SIGINT])
+    except RuntimeError as e:
+        if not peer_gone(e):
+            raise
+        interrupted(f"a peer rank has gone: {str(e).splitlines()[0][:160]}", code=1)
+
+
+def peer_gone(error):
+    """Whether a collective failed because another rank's process went away (gloo's connection to it
+    reset or closed, or a backend error in a job whose rank died), not because of this rank's own code."""
+    lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    return torch.distributed.is_initialized() and (
+        isinstance(error, getattr(torch.distributed, "DistBackendError", ())) or any(m in str(error) for m in lost))
 
 
 _interrupt = threading.Lock()
@@ -100,10 +113,10 @@ def stop_on_interrupt(grace_s=1.0):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def interrupted(why="Ctrl-C"):
+def interrupted(why="Ctrl-C", code=130):
     """Remove half-written outputs, finish the streamed ones (an mp4 keeps what was made), say so once (rank
-    0), and leave at once: os._exit, since a clean exit would wait for peers in a collective and print
-    their tracebacks."""
+    0), and leave at once with `code`: os._exit, since a clean exit would wait for peers in a collective and
+    print their tracebacks."""
     from support.files import on_interrupt, remove_unfinished
     _interrupt.acquire()
     remove_unfinished()
@@ -114,7 +127,7 @@ def interrupted(why="Ctrl-C"):
         sys.stderr.write(stop)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(code)
 
 
 def is_rank_zero():
