@@ -2,44 +2,32 @@
 
 The idea
     A chunk of N tokens is split into contiguous shards, one per rank (N need not divide: the first
-    N % world_size ranks hold one token more). Attention needs every key for every query, so the ranks
-    exchange data:
-    * Ulysses (DeepSpeed-Ulysses): one all-to-all turns "my tokens, all heads" into "all tokens of my
-      group, heads/U of them"; attention is then local; a second all-to-all turns the result back.
-      The KV cache is sharded by head, so per-step traffic does not grow with the video.
+    N % world_size ranks hold one token more). Attention needs every key for every query, so ranks exchange:
+    * Ulysses (DeepSpeed-Ulysses): one all-to-all turns "my tokens, all heads" into "all tokens of my group,
+      heads/U of them"; attention is local; a second all-to-all turns the result back. The KV cache is
+      sharded by head, so per-step traffic does not grow with the video.
     * Ring: K/V blocks travel around the ring while each rank attends its queries to the block in hand;
-      partial results are merged with their log-sum-exp. The cache is sharded by sequence.
-    * 2-D mesh: world = ulysses_degree x ring_degree. Wan-1.3B has 12 heads, so Ulysses alone cannot use
-      8 ranks; Ulysses 4 x ring 2 can. Rank r = ring_rank * U + ulysses_rank: a Ulysses group is U
-      consecutive ranks whose shards together form one contiguous "ring shard" of the chunk.
-
-    Within one chunk every query sees every visible key (the block-causal mask of stage 02 is all-ones
-    inside a chunk and over the cache), so the sharded attention needs no mask, and uneven shards are
-    exchanged with uneven all-to-all splits instead of padding: nothing to mask, no padding tokens.
-
-    Bad configurations (heads not divisible by U, U x R != world, ranks disagreeing on shapes) raise the
-    same ValueError on every rank before any data collective, so nothing hangs.
-
-    The all-to-all itself is one function (ulysses_all_to_all) with two implementations: the process
-    group's all_to_all_single (NCCL on GPU, gloo on CPU), or, on GPUs, SymmetricExchange: peer copies into
-    buffers that every rank of the group can write (torch's symmetric memory), between two device-side
-    barriers. The second has no host-side bookkeeping, which matters once stage 06 captures CUDA graphs.
-
+      partial results merge by their log-sum-exp. The cache is sharded by sequence.
+    * 2-D mesh: world = ulysses_degree x ring_degree. Wan-1.3B's 12 heads cannot use Ulysses alone on 8 ranks;
+      Ulysses 4 x ring 2 can. Rank r = ring_rank * U + ulysses_rank: a Ulysses group is U consecutive ranks
+      whose shards form one contiguous "ring shard" of the chunk.
+    Within a chunk every query sees every visible key (stage 02's mask is all-ones there), so no mask is
+    needed, and uneven shards use uneven all-to-all splits, not padding. Bad configurations (heads not
+    divisible by U, U x R != world, ranks disagreeing on shapes) raise the same ValueError on every rank
+    before any data collective, so nothing hangs. ulysses_all_to_all is the process group's all_to_all_single
+    (NCCL on GPU, gloo on CPU) or, on GPUs, SymmetricExchange: peer copies into symmetric memory between two
+    device-side barriers, with no host-side bookkeeping, which matters once stage 06 captures CUDA graphs.
 Shapes
     q, k, v per rank (in/out):     [batch, n_local, heads, head_dim]
-    after seq_to_heads:            [n_ring_shard, batch, heads / U, head_dim]  (token-major: what each
-                                   source sends is one contiguous row range of the receive buffer)
+    after seq_to_heads:            [n_ring_shard, batch, heads / U, head_dim], token-major (rows by source)
     K/V (cache + chunk) per rank:  [tokens of its ring shard, 2, batch, heads / U, head_dim]
-
 Uses
     02_causal_attention: KVCache, heads_major, fast_attention, attention, block_causal_mask
-
 Run
     python 03_sequence_parallel.py                          (one process: the degenerate mesh 1 x 1)
     torchrun --nproc_per_node=4 03_sequence_parallel.py     every Ulysses x ring factorization the heads
                                                             allow, with and without a KV cache, uneven N;
-                                                            prints the max error against one process
-"""
+                                                            prints the max error against one process"""
 import datetime
 import importlib
 import os
@@ -56,10 +44,8 @@ causal = importlib.import_module("02_causal_attention")
 # ----------------------------------------------------------------------------- process groups
 
 def init_distributed(timeout_s=600, needs_gpus=None):
-    """Join the torchrun job if there is one. Returns this rank's device, chosen from the ranks and GPUs of
-    this node by support.harness.choose_device: one GPU per rank (nccl), or the CPU (gloo) where GPUs are
-    absent or too few (rank 0 says so in one line). A run that `needs_gpus` (e.g. "--bench") stops instead,
-    with the same one-line BadInput on every rank, before any collective."""
+    """Join the torchrun job if any; returns this rank's device (support.harness.choose_device). A run that
+    `needs_gpus` (e.g. "--bench") and lacks them stops with the same BadInput on every rank."""
     ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device, note = choose_device(ranks_on_node, gpus, int(os.environ.get("LOCAL_RANK", 0)), needs_gpus)
@@ -86,8 +72,7 @@ def world():
 
 
 def shard_bounds(length, parts):
-    """Contiguous [first, end) ranges splitting `length` tokens over `parts` ranks, sizes differing by at
-    most one (earlier ranks take the extra tokens)."""
+    """Contiguous [first, end) ranges of `length` tokens over `parts` ranks; earlier ranks take the extras."""
     base, extra = divmod(length, parts)
     bounds, first = [], 0
     for i in range(parts):
@@ -98,10 +83,8 @@ def shard_bounds(length, parts):
 
 
 class SPMesh:
-    """A world of U x R ranks: Ulysses groups of U consecutive ranks, ring groups of ranks U apart.
-
-    Build one with `SPMesh.get(ulysses_degree, ring_degree)`: groups are created once per shape and
-    reused (creating a process group is itself a collective)."""
+    """U x R ranks: Ulysses groups of U consecutive ranks, ring groups of ranks U apart. SPMesh.get(U, R)
+    creates the groups once per shape and reuses them (creating a process group is itself a collective)."""
     _made = {}
 
     @classmethod
@@ -135,23 +118,19 @@ class SPMesh:
         self.symmetric = None       # a SymmetricExchange once use_symmetric_memory() chose it
 
     def use_symmetric_memory(self):
-        """Make the Ulysses all-to-alls peer copies into symmetric memory instead of NCCL calls (GPU only;
-        collective: every rank of the job calls it). Ring steps stay NCCL sends and receives."""
+        """Ulysses all-to-alls as SymmetricExchange (GPU; every rank calls it); ring steps stay NCCL."""
         if self.ulysses_degree > 1 and self.symmetric is None:
             self.symmetric = SymmetricExchange(self)
 
-    def _groups(self, all_ranks, mine):
-        """Every rank creates every group (new_group is collective); returns this rank's group."""
+    def _groups(self, all_ranks, mine):         # every rank creates every group; returns its own
         if len(all_ranks[0]) in (1, self.world_size):
             return None if len(all_ranks[0]) == 1 else dist.group.WORLD
         return [dist.new_group(ranks) for ranks in all_ranks][mine]
 
     def agree(self, what, problem=None, **fields):
-        """Raise the same BadInput (a ValueError) on every rank of the mesh if any rank found a `problem` with
-        its own input (a message, or None) or if ranks passed different integer `fields`. One small
-        all_gather of identical shape on every rank (plus one more to share the messages if something is
-        wrong), so it cannot hang. A mesh of one process (the single-process reference, which may run on
-        one rank of a job while the others wait) has no one to ask: it raises its own problem."""
+        """Raise the same BadInput on every rank if any rank found a `problem` (a message, or None) or ranks
+        passed different integer `fields`: one all_gather of one shape everywhere (one more for the messages),
+        so it cannot hang. A mesh of one process asks no one (others may be waiting): it raises its own."""
         if self.world_size == 1:
             if problem:
                 raise BadInput(f"{what}: {problem}")
@@ -194,12 +173,9 @@ class SPMesh:
 # ----------------------------------------------------------------------------- Ulysses all-to-all
 
 def ulysses_all_to_all(send, rows, mesh, async_op=False):
-    """The Ulysses group's all-to-all of rows (dim 0). rows[s][p] is how many rows member s sends member p,
-    the same matrix on every rank: send [sum(rows[me]), ...] holds this rank's rows for member 0, 1, ...
-    in turn; the result [sum_s rows[s][me], ...] holds the rows from member 0, 1, ... in turn (uneven
-    sizes are uneven splits, no padding). NCCL/gloo's all_to_all_single, or the mesh's SymmetricExchange
-    once `use_symmetric_memory` chose it. With async_op, returns (recv, work): valid after work.wait()
-    (work is None where the exchange is already in stream order)."""
+    """All-to-all of rows (dim 0) in the Ulysses group; rows[s][p]: rows member s sends member p (one matrix
+    on every rank). send holds my rows for member 0, 1, ... in turn, the result the rows from each in turn.
+    async_op: returns (recv, work), valid after work.wait() (work None: already in stream order)."""
     me = mesh.ulysses_rank
     if mesh.symmetric is not None:
         recv = mesh.symmetric(send, rows)
@@ -211,16 +187,14 @@ def ulysses_all_to_all(send, rows, mesh, async_op=False):
 
 
 def exchange_rows(send, mesh, length, async_op=False):
-    """Tokens to heads: send [U * n_local, ...] holds, for each group member in turn, the n_local rows meant
-    for it; returns recv [n_ring_shard, ...], member s's rows at member s's token offset."""
+    """send [U * n_local, ...], n_local rows per member in turn -> [n_ring_shard, ...] in token order."""
     sizes = mesh.ulysses_sizes(length)
     rows = [[n] * len(sizes) for n in sizes]                  # member s sends its n_s rows to every member
     return ulysses_all_to_all(send, rows, mesh, async_op)
 
 
 def seq_to_heads(x, mesh, length, async_op=False):
-    """[B, n_local, H, D] (my tokens, all heads) -> token-major [n_ring_shard, B, H/U, D] (my group's
-    tokens, my heads)."""
+    """[B, n_local, H, D] (my tokens, all heads) -> [n_ring_shard, B, H/U, D] (group's tokens, my heads)."""
     U = mesh.ulysses_degree
     if U == 1:
         return (x.transpose(0, 1), None) if async_op else x.transpose(0, 1)
@@ -248,10 +222,8 @@ def heads_to_seq(x, mesh, length):
 
 
 def copy_rows_(dst, src):
-    """dst.copy_(src) where the last dim is contiguous but the rows around it are strided (a layout change).
-    PyTorch's strided copy moves one element per thread step; viewed as 16-byte words (complex128, a bit
-    pattern only: nothing is computed on it) the same copy moves 8 bf16 values per step. Falls back to
-    the plain copy where a row, stride or offset is not a multiple of 16 bytes."""
+    """dst.copy_(src) for strided rows, viewed as 16-byte complex128 words (bits only): 8 bf16 values a step,
+    not one. The plain copy where a row, stride or offset is not a multiple of 16 bytes."""
     try:
         dst, src = dst.view(torch.complex128), src.view(torch.complex128)
     except RuntimeError:
@@ -260,14 +232,9 @@ def copy_rows_(dst, src):
 
 
 class SymmetricExchange:
-    """The Ulysses all-to-all as direct writes into the peers' memory (CUDA only, needs NVLink or PCIe peer
-    access): every rank owns a receive buffer in symmetric memory (torch.distributed._symmetric_memory),
-    which every member of its group can write. An exchange is: a device-side barrier (peers have finished
-    reading the last exchange), one copy per peer of the rows meant for it, into that peer's buffer at this
-    rank's offset, a second barrier (every write into my buffer has landed), and one copy out. All of it is
-    kernels on the current stream, with no host-side bookkeeping: cheap to launch and safe to capture in a
-    CUDA graph. Buffers are allocated (collectively) when an exchange needs more room than any earlier one,
-    and kept, so graphs captured earlier stay valid."""
+    """Ulysses all-to-all as writes into peers' receive buffers in torch's symmetric memory (CUDA, NVLink or
+    PCIe peer access): barrier, one copy per peer, barrier, copy out; all kernels, safe in a CUDA graph.
+    Buffers grow (collectively) as an exchange needs more room and are kept, so earlier graphs stay valid."""
 
     def __init__(self, mesh):
         from torch.distributed import _symmetric_memory
@@ -327,8 +294,7 @@ def merge_partial(out, lse, block_out, block_lse):
 
 
 def ring_attention(q, kv, mesh, kv_lengths):
-    """q [B, Hu, nq, D] and this rank's K/V kv [nk, 2, B, Hu, D]; kv_lengths[j] = tokens held by ring rank j.
-    K/V blocks travel once around the ring (sent on while the block in hand is attended to)."""
+    """q [B, Hu, nq, D], this rank's kv [nk, 2, B, Hu, D]; kv_lengths[j]: tokens held by ring rank j."""
     R, j = mesh.ring_degree, mesh.ring_rank
     block = kv.contiguous()
     nxt, prv = mesh.ring_ranks[(j + 1) % R], mesh.ring_ranks[(j - 1) % R]
@@ -354,8 +320,7 @@ def ring_attention(q, kv, mesh, kv_lengths):
 # ----------------------------------------------------------------------------- the SP attention layer
 
 def check_shapes(mesh, q, k, v, chunk):
-    """Each rank checks its own input, then one agreement round: every rank raises if any rank's input is
-    wrong, or if ranks disagree on anything but their shard length."""
+    """Every rank raises if any rank's input is wrong or ranks disagree on anything but shard length."""
     length = chunk[1] - chunk[0]
     first, end = mesh.token_shard(length)
     problem = None
@@ -372,10 +337,8 @@ def check_shapes(mesh, q, k, v, chunk):
 
 
 def sp_attention(q, k, v, mesh, chunk, cache=None, check=True):
-    """Sequence-parallel attention of one chunk: q, k, v [B, n_local, H, D] (rotated) are this rank's shard
-    of the chunk's global token range `chunk`. The chunk attends to itself and to the cache, and its K/V
-    are written into the cache's slots; commit_chunk keeps them. Three all-to-alls in, one out (stage 05
-    fuses them). Returns [B, n_local, H, D]."""
+    """q, k, v [B, n_local, H, D] (rotated): this rank's shard of global range `chunk`, attending to cache +
+    chunk; K/V go into the cache's slots (commit_chunk keeps them). Three all-to-alls in, one out."""
     if check:
         check_shapes(mesh, q, k, v, chunk)
     length = chunk[1] - chunk[0]
@@ -394,14 +357,12 @@ def ring_shard_of(mesh, chunk, ring_rank=None):
 
 
 def commit_chunk(cache, mesh, chunk):
-    """Keep the K/V that the last pass over `chunk` wrote into the cache: this rank's part of it, the ring
-    shard its Ulysses group holds (heads split, tokens whole within the group). Bookkeeping only."""
+    """Keep the K/V the last pass over `chunk` wrote: this rank's part is its group's ring shard."""
     cache.commit(chunk, ring_shard_of(mesh, chunk))
 
 
 def attend_heads(q_tm, kv, mesh, chunk, cache=None):
-    """After the Ulysses exchange: q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D]
-    (cache and chunk; ring-parallel over the mesh's ring groups); then back to this rank's token shard."""
+    """q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D], then back to my token shard."""
     length = chunk[1] - chunk[0]
     q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
@@ -416,17 +377,15 @@ def attend_heads(q_tm, kv, mesh, chunk, cache=None):
 
 
 def gather_tokens(x_local, mesh, length, dim=1):
-    """All ranks' shards of a `length`-token tensor, concatenated along `dim` in token order (every rank
-    gets the whole)."""
+    """Every rank's shard of a `length`-token tensor, concatenated along `dim` in token order, everywhere."""
     if mesh.world_size == 1:
         return x_local
     return gather_shards(x_local, [b - a for a, b in shard_bounds(length, mesh.world_size)], dim)
 
 
 def gather_shards(x_local, sizes, dim=1, group=None):
-    """Every rank's part of a tensor split along `dim` into parts of `sizes` (rank order), concatenated on
-    every rank. Uneven parts are padded for one all_gather and trimmed after. `group`: a process group of
-    all the job's ranks in order (default the job's own)."""
+    """Parts of `sizes` along `dim`, rank order, concatenated on every rank (padded for one all_gather).
+    `group`: a process group of all the job's ranks in order (default the job's own)."""
     x = x_local.movedim(dim, 0)
     padded = x.new_zeros(max(sizes), *x.shape[1:])
     padded[:x.shape[0]] = x
@@ -442,8 +401,7 @@ def factorizations(world_size, heads):
 
 
 def mesh_shape(world_size, heads, ring_degree=None):
-    """(U, R) for a job: the given ring degree, or else the largest Ulysses degree the heads allow (the
-    cache then stays sharded by head and per-step traffic does not grow with the video)."""
+    """(U, R): the given ring degree, or else the largest Ulysses degree the heads allow."""
     if ring_degree is None:
         return factorizations(world_size, heads)[-1]
     return (world_size // ring_degree if world_size % ring_degree == 0 else 0), ring_degree

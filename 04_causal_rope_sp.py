@@ -1,30 +1,17 @@
 """Stage 04 -- Causal-RoPE SP: each rank rotates its own tokens from the global time index.
 
 The idea
-    Under sequence parallelism a rank holds tokens first..end-1 of a chunk whose first frame is global
-    frame `start_frame`. The obvious way to apply causal RoPE is the baseline:
-        all-gather the chunk -> rotate all of it (angles on the fly, float64, as upstream) -> keep my slice
-    which moves the whole chunk over the network and rotates world_size times more tokens than needed.
-
-    Causal-RoPE SP needs no communication: global token index g = start_frame * tokens_per_frame + first + i
-    gives the token's (frame, row, column) = (g // (H*W), g % (H*W) // W, g % W), and its rotation is a
-    function of that alone. Two ways, both here:
-        causal_rope_sp_positions  computes the angles from those positions (idea 1 alone)
-        causal_rope_sp            slices rows g..g+n of the RopeTable built once (ideas 1 + 2)
-
-Shapes
-    x_local: [batch, n_local, heads, head_dim]   (this rank's contiguous shard of the chunk)
-
+    The baseline all-gathers a chunk, rotates all of it and keeps its slice: the whole chunk crosses the
+    network and world_size times the needed tokens are rotated. Causal-RoPE SP needs no communication: token i
+    of a rank's shard first..end-1 of a chunk from frame start_frame is global token g = start_frame*H*W +
+    first + i, at (frame, row, column) = (g // (H*W), g % (H*W) // W, g % W), which alone sets its rotation.
+Shapes: x_local [batch, n_local, heads, head_dim], this rank's contiguous shard of the chunk
 Uses
     01_rope: RopeTable, apply_rope, axis_angles, axis_pairs, causal_rope, head_dim_flag
     03_sequence_parallel: SPMesh, gather_tokens, init_distributed, finish_distributed
-
 Run
-    python 04_causal_rope_sp.py
-    torchrun --nproc_per_node=4 04_causal_rope_sp.py [--height 60 --width 104 --heads 12 --head-dim 128]
-        prints each version's max error against single-process causal RoPE of the whole chunk, and the
-        median time of the baseline and of Causal-RoPE SP (on GPU: bf16 and CUDA events)
-"""
+    python 04_causal_rope_sp.py     prints each version's max error vs one-process causal RoPE, median times
+    torchrun --nproc_per_node=4 04_causal_rope_sp.py [--height 60 --width 104 --heads 12 --head-dim 128]"""
 import importlib
 
 import torch
@@ -36,23 +23,20 @@ rope = importlib.import_module("01_rope")
 sp = importlib.import_module("03_sequence_parallel")
 
 
-def rope_allgather_baseline(x_local, mesh, grid, start_frame):
-    """All-gather the chunk, rotate all of it, keep this rank's slice."""
+def rope_allgather_baseline(x_local, mesh, grid, start_frame):     # all-gather, rotate all, keep my slice
     length = grid[0] * grid[1] * grid[2]
     whole = sp.gather_tokens(x_local, mesh, length)                     # [B, length, H, D]: the traffic
     first, end = mesh.token_shard(length)
     return rope.causal_rope(whole, grid, start_frame)[:, first:end]
 
 
-def shard_positions(grid, start_frame, shard):
-    """(frame, row, column) of global tokens start_frame*H*W + first .. + end - 1: the global time index."""
+def shard_positions(grid, start_frame, shard):          # (frame, row, column) of my tokens, from global g
     _, height, width = grid
     g = start_frame * height * width + torch.arange(*shard)
     return g // (height * width), g % (height * width) // width, g % width
 
 
-def causal_rope_sp_positions(x_local, grid, start_frame, shard):
-    """Rotate this rank's tokens with angles computed from their own global positions (no table)."""
+def causal_rope_sp_positions(x_local, grid, start_frame, shard):   # angles from the positions, no table
     t_pairs, h_pairs, w_pairs = rope.axis_pairs(x_local.shape[-1])
     frame, row, column = shard_positions(grid, start_frame, shard)
     angles = torch.cat([rope.axis_angles(frame, t_pairs), rope.axis_angles(row, h_pairs),
@@ -60,8 +44,7 @@ def causal_rope_sp_positions(x_local, grid, start_frame, shard):
     return rope.apply_rope(x_local, angles.cos(), angles.sin())
 
 
-def causal_rope_sp(x_local, table, start_frame, num_frames, shard):
-    """Rotate this rank's tokens with its slice of the precomputed table: no communication, no trig."""
+def causal_rope_sp(x_local, table, start_frame, num_frames, shard):   # my rows of the table: no trig
     return rope.apply_rope(x_local, *table.chunk_rows(start_frame, num_frames, shard))
 
 

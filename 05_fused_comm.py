@@ -1,30 +1,24 @@
 """Stage 05 -- fused communication: Q, K and V in one all-to-all, RMSNorm + RoPE fused into the packing.
 
 The idea
-    Stages 03-04 give a correct SP self-attention layer that, per layer, runs: RMSNorm(q), RMSNorm(k),
-    RoPE(q), RoPE(k) as separate passes, then three all-to-alls (q, k, v) in and one out. At Wan-1.3B
-    shapes each all-to-all is a few MB: latency-bound, so the count matters more than the bytes.
-    This stage builds the layer the fast way:
-      * pack_qkv: one pass reads the q/k/v projections, RMS-normalises q and k, rotates them with this
-        rank's slice of the precomputed RoPE table (stage 04) and writes all three into ONE send buffer
-        laid out per destination rank. On GPU the function is torch.compile'd into one or two kernels;
-        the same plain PyTorch function is the CPU path and the reference.
-      * one all-to-all for Q/K/V (stage 03's exchange_rows), landing token-major, so the keys/values are
-        one copy away from the KV cache and the queries need no copy at all.
-      * "overlap": V needs neither norm nor RoPE, so its all-to-all can start before Q/K are packed
-        and run while they are (two exchanges instead of one, but one of them hidden).
-    The unfused layer (stages 03 + 04 as they are) stays beside it for comparison. CausalSelfAttention's
-    forward picks one of the three (unfused_attention, fused_exchange, overlapped_exchange), then attends.
-    With a KV cache, a pass writes its chunk's K/V into the cache's slots; the caller keeps them
-    (stage 03's commit_chunk), as in every stage.
-
+    Stages 03-04's SP self-attention layer runs RMSNorm(q), RMSNorm(k), RoPE(q), RoPE(k) as separate passes,
+    then three all-to-alls (q, k, v) in and one out. At Wan-1.3B shapes each all-to-all is a few MB:
+    latency-bound, so the count matters more than the bytes. This stage builds the layer the fast way:
+    * pack_qkv: one pass normalises q and k, rotates them with this rank's RoPE table slice (stage 04) and
+      writes q, k, v into ONE send buffer laid out per destination rank; torch.compile'd on GPU into one or
+      two kernels, the same plain function is the CPU path and the reference.
+    * one all-to-all for Q/K/V (stage 03's exchange_rows), landing token-major: keys/values are one copy
+      from the KV cache, queries need no copy.
+    * "overlap": V needs neither norm nor RoPE, so its all-to-all starts before Q/K are packed and runs
+      while they are (two exchanges, one of them hidden).
+    CausalSelfAttention.forward picks unfused_attention (stages 03 + 04 as they are), fused_exchange or
+    overlapped_exchange, then attends; K/V go into the cache's slots, kept by stage 03's commit_chunk.
 Shapes
     x (per rank):           [batch, n_local, dim]
     send buffer:            [U, n_local, 3, batch, heads/U, head_dim]   (one block per destination)
     received:               [n_ring_shard, 3, batch, heads/U, head_dim] (token-major)
     parameter names:        q, k, v, o (Linear dim->dim), norm_q, norm_k (RMSNorm over the full dim):
                             Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
-
 Uses
     01_rope: RopeTable, apply_rope, head_dim_problem, MAX_TIME_POSITIONS
     02_causal_attention: KVCache
@@ -32,15 +26,13 @@ Uses
         ring_shard_of, copy_rows_, gather_tokens, shard_bounds, mesh_shape, world, init_distributed,
         finish_distributed
     04_causal_rope_sp: causal_rope_sp, causal_rope_sp_positions, rope_allgather_baseline
-
 Run
     python 05_fused_comm.py                         fused == overlap == unfused == one process
     torchrun --nproc_per_node=4 05_fused_comm.py    the same on 4 ranks (Ulysses; 2-D meshes via --ring)
     torchrun --nproc_per_node=2 05_fused_comm.py --bench
         Wan-1.3B shapes (4680 tokens, 12 x 128 heads, bf16 on GPU): median times per attention layer of
         the RoPE stage (all-gather baseline vs Causal-RoPE SP), Q/K/V exchange (three vs one all-to-all)
-        and the whole layer (unfused, fused, overlap)
-"""
+        and the whole layer (unfused, fused, overlap)"""
 import functools
 import importlib
 from dataclasses import dataclass
@@ -95,8 +87,7 @@ class ShardLayout:
 
 
 def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
-    """q, k, v [B, n, dim] (projections) -> send buffer [U, n, 3, B, heads/U, D]: RMSNorm and RoPE on q/k
-    and the per-destination layout in one pass (once compiled). v=None packs Q/K only ([U, n, 2, ...]):
+    """q, k, v [B, n, dim] -> send buffer [U, n, 3, B, heads/U, D]. v=None packs Q/K only ([U, n, 2, ...]):
     the overlap mode sends V on its own, earlier."""
     B, n, dim = q.shape
     D, U = dim // heads, ulysses_degree
@@ -113,8 +104,7 @@ def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_deg
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn, dynamic=False):
-    """fn through torch.compile, made once and shared by every layer that asks (dynamic: one compilation
-    for every shape, else one per shape)."""
+    """fn through torch.compile, made once and shared (dynamic: one compilation for every shape)."""
     return torch.compile(fn, dynamic=dynamic)
 
 
@@ -122,8 +112,7 @@ class CausalSelfAttention(nn.Module):
     """Wan2.1's causal self-attention, sequence-parallel: x [B, n_local, dim] -> [B, n_local, dim]."""
 
     def __init__(self, dim, num_heads, eps=1e-6, mode="fused", compile=False):
-        """mode: "fused" (one Q/K/V all-to-all), "overlap" (V sent first, under the packing of Q/K) or
-        "unfused" (stages 03 + 04 as they are). compile (for a GPU): pack_qkv through torch.compile."""
+        """mode: "fused", "overlap" or "unfused"; compile (for a GPU): pack_qkv through torch.compile."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} does not split into {num_heads} heads")
@@ -143,8 +132,6 @@ class CausalSelfAttention(nn.Module):
                  dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
 
     def forward(self, x, layout, cache=None, check=False):
-        """x [B, n_local, dim] -> [B, n_local, dim]. With a cache, the chunk attends to it too, and its K/V
-        are written into the cache's slots (stage 03's commit_chunk keeps them)."""
         if check:
             self.check_input(x, layout)
         q, k, v = self.q(x), self.k(x), self.v(x)                     # [B, n, dim] each
@@ -161,7 +148,6 @@ class CausalSelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
     def unfused_attention(self, q, k, v, layout, cache):
-        """Stages 03 + 04 as they are: norm, rotate, then three all-to-alls in and one out."""
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))       # [B, n, dim] -> [B, n, H, D]
         rotate = lambda t: crsp.causal_rope_sp(t, layout.table, layout.start_frame, layout.num_frames,
                                                layout.shard)
@@ -174,8 +160,7 @@ class CausalSelfAttention(nn.Module):
                                       self.num_heads, layout.mesh.ulysses_degree, self.eps)
 
     def fused_exchange(self, q, k, v, layout):
-        """Pack Q/K/V into one buffer and exchange it in one all-to-all. Returns the queries q_tm
-        [n_ring, B, Hu, D] and keys/values [n_ring, 2, B, Hu, D], token-major."""
+        """One buffer, one all-to-all: q_tm [n_ring, B, Hu, D] and kv [n_ring, 2, B, Hu, D], token-major."""
         recv = self.exchange(self.pack(q, k, v, layout), layout)     # [n_ring, 3, B, Hu, D]
         return recv[:, 0], recv[:, 1:]
 
@@ -207,8 +192,7 @@ def with_mode(layer, mode):
 
 
 def run_layer_chunks(layer, x_chunks, mesh, table, chunk_frames, use_cache=True):
-    """Feed whole-chunk inputs x_chunks[c] [B, chunk_tokens, dim] through the layer, this rank taking its
-    shard of each chunk, each chunk kept in the cache for the next; returns the per-chunk output shards."""
+    """Whole chunks x_chunks[c] [B, chunk_tokens, dim] through the layer and cache; my output shards."""
     cache = causal.KVCache(sum(x.shape[1] for x in x_chunks)) if use_cache else None
     outs = []
     for c, x in enumerate(x_chunks):
