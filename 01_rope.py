@@ -156,7 +156,7 @@ def head_dim_flag(args):
 
 
 def main():
-    parser = Parser(__doc__, check=head_dim_flag)
+    parser = Parser(__doc__, head_dim_flag)
     parser.add_argument("--frames", type=positive, default=6, help="latent frames (>= 3)")
     parser.add_argument("--height", type=positive, default=4)
     parser.add_argument("--width", type=positive, default=5)

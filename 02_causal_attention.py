@@ -232,7 +232,7 @@ def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None, sink_fr
 
 
 def main():
-    parser = Parser(__doc__, check=rope.head_dim_flag)
+    parser = Parser(__doc__, rope.head_dim_flag)
     parser.add_argument("--frames", type=positive, default=12)
     parser.add_argument("--height", type=positive, default=3)
     parser.add_argument("--width", type=positive, default=4)

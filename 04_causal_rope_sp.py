@@ -49,7 +49,7 @@ def causal_rope_sp(x_local, table, start_frame, num_frames, shard):   # my rows 
 
 
 def main():
-    parser = Parser(__doc__, check=rope.head_dim_flag)
+    parser = Parser(__doc__, rope.head_dim_flag)
     parser.add_argument("--chunk-frames", type=positive, default=3)
     parser.add_argument("--video-frames", type=positive, default=21,
                         help="time rows of the RoPE table (later frames' rows are made as asked)")

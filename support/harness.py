@@ -72,6 +72,8 @@ def run_main(main):
         raise SystemExit(2)
     except KeyboardInterrupt as e:
         interrupted(STOPS[e.args[0] if e.args else signal.SIGINT])
+    except BrokenPipeError:          # the output was piped into a reader that has stopped (head): not a bug
+        os._exit(141)
     except RuntimeError as e:
         if not peer_gone(e):
             raise

@@ -137,3 +137,11 @@ def test_ctrl_c_during_a_stream_leaves_a_playable_mp4_of_what_was_made(tmp_path)
                        f"{video} keeps the {kept} frames made before the stop (playable)")
     time.sleep(1)                                   # the encoder finishes the file once the rank has gone
     assert kept >= 32 and iio.imread(video).shape[0] == kept
+
+
+@pytest.mark.parametrize("stage", ["01_rope.py", "02_causal_attention.py", "03_sequence_parallel.py",
+                                   "04_causal_rope_sp.py", "05_fused_comm.py"])
+def test_every_stage_runs_its_self_check_and_answers_help(stage):
+    assert command(stage, "--help").returncode == 0
+    proc = command(stage)
+    assert proc.returncode == 0 and "max error" in proc.stdout, proc.stderr
