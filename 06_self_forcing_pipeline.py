@@ -253,9 +253,9 @@ class Block(nn.Module):
     def feed_forward(self, h):
         """ffn(h); on GPU the first Linear with cuBLASLt's bias + GELU(tanh) epilogue (one kernel); on CPU
         that op would use exact GELU, so the plain modules run there."""
-        if not h.is_cuda:
-            return self.ffn(h)
         up = self.ffn[0]
+        if not h.is_cuda or not isinstance(up, nn.Linear):       # the CPU, or FP8 layers
+            return self.ffn(h)
         hidden = torch._addmm_activation(up.bias, h.flatten(0, 1), up.weight.t(), use_gelu=True)
         return self.ffn[2](hidden.unflatten(0, h.shape[:2]))
 
@@ -712,15 +712,62 @@ def finish(timeout_s=120):
 
 # ----------------------------------------------------------------------------- weights
 
-def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused"):
+def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False):
     """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
-    loaded strictly. On a GPU the code around attention runs compiled."""
+    loaded strictly; fp8: the blocks' linear layers in FP8 (use_fp8). On a GPU the code around attention
+    runs compiled."""
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
     if checkpoint:
         weights.load_dit(model, checkpoint, use_ema)
+    if fp8:
+        use_fp8(model)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- FP8 (opt-in)
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_rows(x):
+    """x [M, K] -> (e4m3 values [M, K], float32 scales [M, 1]): x ~ values * scale, each row scaled so its
+    largest magnitude is e4m3's largest, 448."""
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / torch.finfo(FP8).max
+    return (x.float() / scale).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer run in FP8: its weight stored in e4m3 with one scale per output channel, its input
+    quantized per token as it comes, one torch._scaled_mm (float32 accumulation, bias added, output in the
+    input's dtype). y = (q_x s_x)(q_w s_w)^T + b."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight, scale = fp8_rows(linear.weight)
+        self.register_buffer("weight_fp8", weight)                               # [N, K] e4m3
+        self.register_buffer("weight_scale", scale.t().contiguous())             # [1, N]
+        self.bias = linear.bias
+
+    def forward(self, x):
+        values, scale = fp8_rows(x.flatten(0, -2))                               # [M, K], [M, 1]
+        y = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                             bias=self.bias.to(x.dtype), out_dtype=x.dtype)
+        return y.unflatten(0, x.shape[:-1])
+
+
+def use_fp8(model):
+    """The blocks' linear layers on the token stream (self-attention q, k, v, o; cross-attention q, o; the
+    FFN) in FP8. The text's K/V projections run once per video and stay as they are, as do the embeddings
+    and the head."""
+    for block in model.blocks:
+        attention, cross, ffn = block.self_attn, block.cross_attn, block.ffn
+        attention.q, attention.k, attention.v, attention.o = (
+            Fp8Linear(layer) for layer in (attention.q, attention.k, attention.v, attention.o))
+        cross.q, cross.o = Fp8Linear(cross.q), Fp8Linear(cross.o)
+        ffn[0], ffn[2] = Fp8Linear(ffn[0]), Fp8Linear(ffn[2])
+    return model
 
 
 # ----------------------------------------------------------------------------- the program
@@ -809,6 +856,9 @@ def parser(doc=__doc__, output="out/latents.pt"):
     how.add_argument("--graph-timeout", type=float, default=300,
                      help="seconds a CUDA graph capture and its first replay may take before every rank "
                           "stops")
+    how.add_argument("--fp8", action="store_true",
+                     help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); measured "
+                          "slower than bf16 on one H200 as it stands (README)")
     how.add_argument("--allow-cpu", action="store_true",
                      help="run on the CPU even where that takes over 100x the tiny preset's default run")
     return p
@@ -953,7 +1003,7 @@ def read_inputs(run, *more, outputs=("output",)):
                  if getattr(a, flag, None) not in (None, "none")]
         problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
     try:
-        model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode)
+        model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8)
         load = lambda path, i, flag: weights.load_text(path, model.config, 1, a.seed + i, flag)
         built[0], built[1] = model, [(0, load(a.text_embedding, 0, "--text-embedding"))] + [
             (frame, None if a.prompt else load(value, i, f"--switch {frame}="))
