@@ -271,19 +271,9 @@ def generate(sd, config, text, frames, lat_h, lat_w, seed, window_frames=None, *
             recache(records, start, prompt, window_frames, sink_frames, rebuild_sink)
         end = start + CHUNK_FRAMES
         chunk_records = [(prompt, visible_frames(end, window_frames, sink_frames))] * CHUNK_FRAMES
-        x = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
-        for i, t in enumerate(TIMESTEPS):
-            prefix = torch.cat([clean, x], dim=2)                   # [B, 16, end, lat_h, lat_w]
-            frame_t = torch.tensor([[0.0] * start + [t] * CHUNK_FRAMES] * B, dtype=torch.float64)
-            flow = dit_stream(sd, config, prefix, frame_t, contexts, records + chunk_records, window_frames,
-                              sink_frames)[:, :, start:]
-            sigma = t / 1000.0
-            x0 = x - sigma * flow                                     # the model predicts the flow
-            if i + 1 < len(TIMESTEPS):
-                next_sigma = TIMESTEPS[i + 1] / 1000.0
-                noise = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
-                x = (1 - next_sigma) * x0 + next_sigma * noise
-        clean = torch.cat([clean, x0], dim=2)
+        flow_of = lambda prefix, frame_t: dit_stream(sd, config, prefix, frame_t, contexts,
+                                                     records + chunk_records, window_frames, sink_frames)
+        clean = torch.cat([clean, denoise(gen, clean, flow_of)], dim=2)
         records += chunk_records
     return clean
 
@@ -294,17 +284,24 @@ def generate_block_causal(sd, config, text, frames, lat_h, lat_w, seed, window_f
     gen = torch.Generator().manual_seed(seed)
     B = text.shape[0]
     clean = torch.zeros(B, 16, 0, lat_h, lat_w, dtype=torch.float64)
-    for start in range(0, frames, CHUNK_FRAMES):
-        x = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
-        for i, t in enumerate(TIMESTEPS):
-            prefix = torch.cat([clean, x], dim=2)
-            frame_t = torch.tensor([[0.0] * start + [t] * CHUNK_FRAMES] * B, dtype=torch.float64)
-            flow = dit(sd, config, prefix, frame_t, text, window_frames)[:, :, start:]
-            sigma = t / 1000.0
-            x0 = x - sigma * flow                                     # the model predicts the flow
-            if i + 1 < len(TIMESTEPS):
-                next_sigma = TIMESTEPS[i + 1] / 1000.0
-                noise = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
-                x = (1 - next_sigma) * x0 + next_sigma * noise
-        clean = torch.cat([clean, x0], dim=2)
+    for _ in range(0, frames, CHUNK_FRAMES):
+        flow_of = lambda prefix, frame_t: dit(sd, config, prefix, frame_t, text, window_frames)
+        clean = torch.cat([clean, denoise(gen, clean, flow_of)], dim=2)
     return clean
+
+
+def denoise(gen, clean, flow_of):
+    """The 4 steps of the chunk after the clean latents `clean` [B, 16, start, h, w]: its starting noise,
+    then one draw per re-noising. flow_of(prefix, frame timesteps [B, F]) is the DiT's flow of the whole
+    prefix. Returns the chunk's x0 [B, 16, CHUNK_FRAMES, h, w]."""
+    B, _, start, lat_h, lat_w = clean.shape
+    x = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
+    for i, t in enumerate(TIMESTEPS):
+        prefix = torch.cat([clean, x], dim=2)                       # [B, 16, start + 3, lat_h, lat_w]
+        frame_t = torch.tensor([[0.0] * start + [t] * CHUNK_FRAMES] * B, dtype=torch.float64)
+        x0 = x - t / 1000.0 * flow_of(prefix, frame_t)[:, :, start:]   # the model predicts the flow
+        if i + 1 < len(TIMESTEPS):
+            next_sigma = TIMESTEPS[i + 1] / 1000.0
+            noise = torch.randn(B, 16, CHUNK_FRAMES, lat_h, lat_w, generator=gen).double()
+            x = (1 - next_sigma) * x0 + next_sigma * noise
+    return x0
