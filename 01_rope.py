@@ -23,7 +23,7 @@ Run
     torchrun --nproc_per_node=2 01_rope.py   every rank runs the same checks, rank 0 prints"""
 import torch
 
-from support.harness import Parser, check, is_rank_zero, positive, run_main
+from support.harness import Parser, check, is_rank_zero, non_negative, positive, run_main
 
 THETA = 10000.0
 MAX_TIME_POSITIONS = 1024  # upstream's table rows per axis; here later frames are computed as needed
@@ -162,7 +162,7 @@ def main():
     parser.add_argument("--width", type=positive, default=5)
     parser.add_argument("--heads", type=positive, default=3)
     parser.add_argument("--head-dim", type=positive, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative, default=0)
     args = parser.parse_args()
     if min(args.frames, args.height, args.width) < 3:
         parser.error("--frames, --height and --width must be >= 3 "

@@ -114,7 +114,7 @@ class KVCache:
         self.kept_from = 0              # global index of the oldest window token still visible
         self.chunks, self.held = [], [] # committed chunks still visible, and this rank's part of each
         self.sink_keys = None           # the sink's keys as committed (rotated at their own frames)
-        self.sink_shift = 0             # frames the sink's keys in kv are moved by now
+        self.sink_moved = 0             # frames the sink's keys in kv are moved by now
 
     def rewind(self):
         """Keep the sink, forget the window's chunks (a prompt switch re-runs and commits them again)."""
@@ -149,9 +149,9 @@ class KVCache:
                              f"of {self.window_tokens} beside a sink of {self.sink_tokens}")
         self.evict_until(chunk[1] - (self.window_tokens - self.sink_tokens))
         shift = sink_shift(chunk[1], self.window_tokens, self.sink_tokens) // self.tokens_per_frame
-        if shift != self.sink_shift and self.sink_keys is not None:
+        if shift != self.sink_moved and self.sink_keys is not None:
             self.kv[:len(self.sink_keys), 0] = rope.rotate_time(self.sink_keys, shift)
-        self.sink_shift = shift
+        self.sink_moved = shift
 
     def reserve(self, like, chunk, held=None):
         """(slot [n, 2, B, H, D] for this rank's `held` part of `chunk`, kv [length + n, ...]: cache + chunk).

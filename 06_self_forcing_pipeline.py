@@ -51,7 +51,7 @@ Run
     torchrun --nproc_per_node=8 06_self_forcing_pipeline.py         tiny preset, 8 ranks (CPU: gloo)
     torchrun --nproc_per_node=2 06_self_forcing_pipeline.py --preset wan-1.3b \\
         --checkpoint self_forcing_dmd.pt --text-embedding prompt_umt5.pt --output out/latents.pt
-    python 06_self_forcing_pipeline.py --frames 300 --window-frames 12 --sink-frames 3 --switch 150 \
+    python 06_self_forcing_pipeline.py --frames 300 --window-frames 12 --sink-frames 3 --switch 150 \\
         --output none                                               a stream with a prompt switch
     Prints the first chunk's latency and the whole video's time (a switch's cost beside an ordinary
     chunk's, the cold start on GPU), saves the latents; with several ranks on the tiny preset, checks the
@@ -484,27 +484,29 @@ def stream(model, text, video, mesh, seed=0, options=RunOptions()):
     table = video_rope_table(model, video, device)
     forward = chunk_forward(model, mesh, table, batch, video.cache_plan, replace(options, graphs=graphs))
     forward.state.start(model.text_context(schedule[0][1].to(device)))
-    noise, clean = NoiseSource(seed, device), torch.zeros(batch, C, device=device)
+    noise, t_zero = NoiseSource(seed, device), torch.zeros(batch, C, device=device)   # t = 0: clean
     out_dtype = torch.promote_types(model.dtype, torch.float32)
     window_chunks = None if video.window_frames is None else -(-(video.window_frames - S) // C)
-    sink, recent, prompt = [], collections.deque(maxlen=window_chunks), 0   # x0 a re-cache may re-run
+    sink, recent = [], collections.deque(maxlen=window_chunks)          # x0 a re-cache may re-run
+    prompt_index = 0
     with attention_backends(device):
         for start_frame in range(0, video.frames, C):
-            if prompt_of_chunk(starts, start_frame) != prompt:
-                prompt = prompt_of_chunk(starts, start_frame)
+            if prompt_of_chunk(starts, start_frame) != prompt_index:
+                prompt_index = prompt_of_chunk(starts, start_frame)
                 layouts = lambda first: fused.ShardLayout(mesh, table, first, C)
-                recache(forward, layouts, schedule[prompt][1].to(device), sink + list(recent), video,
-                        start_frame, clean)
+                recache(forward, layouts, schedule[prompt_index][1].to(device), sink + list(recent), video,
+                        start_frame, t_zero)
             layout = fused.ShardLayout(mesh, table, start_frame, C)
             forward.state.make_room(layout)
             x0 = denoise_chunk(forward, layout, noise, batch, video)                   # [B, n_local, 64]
             chunk = sp.gather_tokens(x0, mesh, layout.length)                         # hand the chunk out
             yield unpatchify(chunk, C, video.latent_height, video.latent_width).to(out_dtype)
             following = start_frame + C
-            switch_next = following < video.frames and prompt_of_chunk(starts, following) != prompt
-            redone = switch_next and (start_frame >= S or video.rebuild_sink)   # a re-cache redoes it
+            switch_next = following < video.frames and prompt_of_chunk(starts, following) != prompt_index
+            # the chunk before a switch: the re-cache redoes its pass, or no later chunk sees it
+            redone = switch_next and (start_frame >= S or video.rebuild_sink)
             if following < video.frames and not redone:          # clean-context pass (none after the last)
-                forward(x0, clean, layout)
+                forward(x0, t_zero, layout)
                 forward.state.commit(layout)
             if start_frame >= S:
                 recent.append((start_frame, x0))
@@ -512,7 +514,7 @@ def stream(model, text, video, mesh, seed=0, options=RunOptions()):
                 sink.append((start_frame, x0))
 
 
-def recache(forward, layouts, text, kept, video, start_frame, clean):
+def recache(forward, layouts, text, kept, video, start_frame, t_zero):
     """A prompt switch before the chunk at `start_frame` (LongLive's KV re-cache): the new text's K/V, then
     every kept chunk that chunk will see outside the sink (and the sink's own with rebuild_sink) run once more
     at timestep 0 under the new prompt, oldest first, each seeing the sink and the chunks re-run before it,
@@ -526,7 +528,7 @@ def recache(forward, layouts, text, kept, video, start_frame, clean):
         if chunk_start + C > first_seen or (video.rebuild_sink and chunk_start < S):
             layout = layouts(chunk_start)
             state.make_room(layout)
-            forward(x0, clean, layout)
+            forward(x0, t_zero, layout)
             state.commit(layout)
 
 
@@ -921,6 +923,11 @@ def flag_problem(args):
         return problem
     if args.prompt and any(value is None for _, value in args.switch):
         return "--switch with --prompt takes FRAME=TEXT: the prompt's text from that frame on"
+    late = [frame for frame, _ in args.switch if frame >= args.frames]
+    if late:
+        return f"--switch {late[0]} is past the video's last latent frame, {args.frames - 1}"
+    if args.rebuild_sink and not args.sink_frames:
+        return "--rebuild-sink rebuilds the sink at a switch: it needs --sink-frames"
     heads, world_size = PRESETS[args.preset].num_heads, int(os.environ.get("WORLD_SIZE", "1"))
     if args.ring is not None and (world_size % args.ring or heads % (world_size // args.ring)):
         return (f"--ring {args.ring} does not fit {world_size} rank(s): the ring degree must divide the "
@@ -1005,7 +1012,7 @@ def read_inputs(run, *more, outputs=("output",)):
     try:
         model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8)
         load = lambda path, i, flag: weights.load_text(path, model.config, 1, a.seed + i, flag)
-        built[0], built[1] = model, [(0, load(a.text_embedding, 0, "--text-embedding"))] + [
+        built[0], built[1] = model, [(0, load(a.text_embedding, 0, "--text-embedding "))] + [
             (frame, None if a.prompt else load(value, i, f"--switch {frame}="))
             for i, (frame, value) in enumerate(a.switch, start=1)]
         built[2:] = [build() for build in more]
@@ -1025,9 +1032,9 @@ def read_inputs(run, *more, outputs=("output",)):
 
 
 def switch_cost(hand_outs, prompts, video):
-    """(median ms from one chunk's hand-out to the next for chunks that follow no switch, mean ms for those
-    that do: their re-cache included), over the chunks that see a full window; None without a switch.
-    hand_outs: seconds to each chunk's hand-out."""
+    """A line: the mean time from a chunk's hand-out to the next for the chunks that follow a switch (their
+    re-cache included) beside the median for the others, over the chunks that see a full window; None
+    without a switch. hand_outs: seconds to each chunk's hand-out."""
     starts, C = [frame for frame, _ in prompts], video.chunk_frames
     full = 0 if video.window_frames is None else -(-video.window_frames // C)
     gaps = {k: hand_outs[k] - hand_outs[k - 1] for k in range(max(1, full), len(hand_outs))}
@@ -1035,7 +1042,9 @@ def switch_cost(hand_outs, prompts, video):
     ordinary = [gap for k, gap in gaps.items() if k not in switched and k + 1 not in switched]
     if not switched or not ordinary:
         return None
-    return statistics.median(ordinary) * 1e3, statistics.mean(gaps[k] for k in switched) * 1e3
+    usual, after = statistics.median(ordinary) * 1e3, statistics.mean(gaps[k] for k in switched) * 1e3
+    return (f"  a chunk after a prompt switch {after:.1f} ms from the chunk before (mean of {len(switched)}), an "
+            f"ordinary one {usual:.1f} ms (median of {len(ordinary)}): a switch costs {after - usual:.1f} ms")
 
 
 def agree(run, problem):
@@ -1119,10 +1128,9 @@ def main(argv=None):
         print(f"  first chunk {marks[0] * 1e3:.1f} ms, total {marks[-1]:.3f} s, {video.video_frames} video "
               f"frames -> {video.video_frames / marks[-1]:.1f} FPS (latents)"
               f"{f'; latents {tuple(latents.shape)} saved to {a.output}' if kept(a) else ''}")
-        cost = switch_cost(marks, prompts, video)
-        if cost:
-            print(f"  a chunk after a prompt switch {cost[1]:.1f} ms from the chunk before, an ordinary one "
-                  f"{cost[0]:.1f} ms: the switch costs {cost[1] - cost[0]:.1f} ms")
+        switch_line = switch_cost(marks, prompts, video)
+        if switch_line:
+            print(switch_line)
     compare_with_one_process(run, lambda one: generate(model, prompts, first_chunk_video(video), one, a.seed,
                                                        run.options), latents[:, :, :CHUNK_FRAMES], "latents")
     finish(a.graph_timeout)

@@ -186,9 +186,6 @@ class CausalConv3d(nn.Conv3d):
     """A 3-D convolution, causal in time: its input padded, in one buffer, with kt - 1 past frames (the time
     cache; zeros before the first), kh // 2 halo rows and kw // 2 zero columns."""
 
-    def __init__(self, in_dim, out_dim, kernel):
-        super().__init__(in_dim, out_dim, kernel)
-
     def forward(self, x, cache, bands):
         kt, kh, kw = self.kernel_size
         if kt == 1 and kh == 1 and kw == 1:
@@ -429,6 +426,8 @@ def flag_problem(args):
     if rows < world_size:
         return (f"the decoder splits frames into bands of rows: --height {8 * rows} (latent rows {rows}) "
                 f"cannot feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
+    if args.video and not args.video.lower().endswith(".mp4"):
+        return f"--video {args.video}: give a file name ending in .mp4 (a fragmented H.264 MP4 is written)"
     pixel_bytes = 1 + sf.chosen_dtype(args.decoder_dtype, torch.device("cuda" if torch.cuda.is_available()
                                                                        else "cpu")).itemsize
     return sf.output_problem(args, 4 * 3 * video.height * video.width * pixel_bytes / 2**30)  # then 8-bit
@@ -477,6 +476,9 @@ def main(argv=None):
     overlap, keep = run.device.type == "cuda" and a.overlap, sf.kept(a)
     warm = sf.warm_up(run, lambda: time_frames(run, model, prompts, vae, overlap, sf.warm_up_video(video),
                                                keep=False))
+    if run.show:
+        print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
+              f"{', overlapped on its own CUDA stream' if overlap else ''})", flush=True)
     writer = extras.VideoWriter(a.video) if a.video and run.show else None
     report = MinuteReport(16, run.device, run.show)
     frames, marks, total = time_frames(run, model, prompts, vae, overlap, video, writer, keep, report)
@@ -485,8 +487,6 @@ def main(argv=None):
                                        "preset": a.preset}, writer and writer.problem)
     T, (H, W) = video.video_frames, pixels.shape[3:]
     if run.show:
-        print(f"{run.name}: {run.describe()}, decoder {decoder_preset(a)} ({vae.dtype}"
-              f"{', overlapped on its own CUDA stream' if overlap else ''})")
         if warm is not None:
             print(f"  cold start: first decoded frame {warm[1][1][0]:.1f} s after the call (compile, CUDA "
                   f"graph capture); warm-up of {sf.warm_up_video(video).frames} latent frames "
@@ -496,10 +496,9 @@ def main(argv=None):
               f"{total:.3f} s -> {T / total:.1f} FPS"
               f"{f', decoded frames [{T}, {H}, {W}, 3] saved to {a.output}' if keep else ''}"
               f"{f', mp4 {a.video}' if writer else ''}")
-        cost = sf.switch_cost(marks[1:], prompts, video)
-        if cost:
-            print(f"  a chunk after a prompt switch {cost[1]:.1f} ms from the chunk before, an ordinary one "
-                  f"{cost[0]:.1f} ms: the switch costs {cost[1] - cost[0]:.1f} ms")
+        switch_line = sf.switch_cost(marks[1:], prompts, video)
+        if switch_line:
+            print(switch_line)
     if a.preset == "tiny" and keep:    # cheap here: decoding the whole video at once gives the same frames
         latents = sf.generate(model, prompts, video, mesh, a.seed, run.options)
         whole = FrameDecoder(vae, RowBands.for_job(video.latent_height, mesh))(latents).cpu()

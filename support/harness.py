@@ -84,8 +84,9 @@ def peer_gone(error):
     """Whether a collective failed because another rank's process went away (gloo's connection to it
     reset or closed, or a backend error in a job whose rank died), not because of this rank's own code."""
     lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    backend = getattr(torch.distributed, "DistBackendError", ())
     return torch.distributed.is_initialized() and (
-        isinstance(error, getattr(torch.distributed, "DistBackendError", ())) or any(m in str(error) for m in lost))
+        isinstance(error, backend) or any(message in str(error) for message in lost))
 
 
 _interrupt = threading.Lock()

@@ -127,9 +127,10 @@ def host_rss_gib():
 
 
 class MinuteReport:
-    """A long stream's health, one line per minute of video as it is made: that minute's frames per second,
-    the peak GPU memory during it and the host's resident memory at its end. Flat memory shows as equal
-    lines. `add(frames, seconds)`: `frames` more frames reached the viewer `seconds` after the start."""
+    """A long stream's health, one line per minute of video (60 s of frames at `fps`) as it is made: that
+    minute's frames per second, the peak GPU memory during it and the host's resident memory at its end.
+    Flat memory shows as equal lines. `add(frames, seconds)`: `frames` more frames reached the viewer
+    `seconds` after the start."""
 
     def __init__(self, fps, device, show=True):
         self.fps, self.cuda, self.show = fps, torch.device(device).type == "cuda", show
@@ -143,8 +144,9 @@ class MinuteReport:
             self.rows.append((60 * self.fps / spent, gpu, host_rss_gib()))
             if self.show:
                 fps, gpu, host = self.rows[-1]
-                print(f"  minute {len(self.rows)}: {fps:.1f} FPS, peak GPU memory {gpu:.2f} GiB, host RSS "
-                      f"{host:.2f} GiB", flush=True)
+                gpu_text = f"peak GPU memory {gpu:.2f} GiB, " if self.cuda else ""
+                print(f"  minute {len(self.rows)} of video ({60 * self.fps} frames): {fps:.1f} FPS, "
+                      f"{gpu_text}host RSS {host:.2f} GiB", flush=True)
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
             self.minute_start = seconds

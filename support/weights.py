@@ -153,25 +153,25 @@ def load_strictly(module, state, path, ignored=()):
     module.load_state_dict(state, strict=True)
 
 
-def load_text(path, config, batch, seed, flag="--text-embedding"):
+def load_text(path, config, batch, seed, flag="--text-embedding "):
     """umT5 features [B, L, text_dim] from a tensor file ([L, text_dim] is batch 1), or random stand-ins
-    (path None). `config` gives text_dim and text_len; `flag` names the file in a one-line error."""
+    (path None). `config` gives text_dim and text_len; f"{flag}{path}" names the file in a one-line error."""
     if path is None:   # random stand-in for umT5 features (--prompt encodes real ones)
         return torch.randn(batch, config.text_len, config.text_dim,
                            generator=torch.Generator().manual_seed(seed + 1))
     expected = f"a tensor [L, {config.text_dim}] or [B, L, {config.text_dim}] with L <= {config.text_len}"
     if not os.path.isfile(path):
-        raise BadInput(f"{flag} {path}: no such file")
+        raise BadInput(f"{flag}{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         text = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a bad file fails inside pickle or zip in many ways
-        raise BadInput(f"{flag} {path}: not a torch tensor file ({type(e).__name__}); "
+        raise BadInput(f"{flag}{path}: not a torch tensor file ({type(e).__name__}); "
                        f"expected {expected}") from None
     if not isinstance(text, torch.Tensor):
-        raise BadInput(f"{flag} {path} holds a {type(text).__name__}; expected {expected}")
+        raise BadInput(f"{flag}{path} holds a {type(text).__name__}; expected {expected}")
     text = text[None] if text.dim() == 2 else text
     if text.dim() != 3 or text.shape[2] != config.text_dim or not 1 <= text.shape[1] <= config.text_len:
-        raise BadInput(f"{flag} {path} is {tuple(text.shape)}; expected {expected}")
+        raise BadInput(f"{flag}{path} is {tuple(text.shape)}; expected {expected}")
     return text
 
 

@@ -101,7 +101,7 @@ def test_a_minute_report_has_one_row_per_minute_of_video(capsys):
     for chunk in range(1, 200):                       # 12 frames every half second: 24 FPS
         report.add(12, chunk * 0.5)
     assert len(report.rows) == 199 * 12 // 960 and all(abs(fps - 24) < 0.5 for fps, _, _ in report.rows)
-    assert capsys.readouterr().out.startswith("  minute 1: 24.")
+    assert capsys.readouterr().out.startswith("  minute 1 of video (960 frames): 24.")
 
 
 def stage_aliases():
