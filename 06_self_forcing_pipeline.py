@@ -1043,8 +1043,9 @@ def switch_cost(hand_outs, prompts, video):
     if not switched or not ordinary:
         return None
     usual, after = statistics.median(ordinary) * 1e3, statistics.mean(gaps[k] for k in switched) * 1e3
-    return (f"  a chunk after a prompt switch {after:.1f} ms from the chunk before (mean of {len(switched)}), an "
-            f"ordinary one {usual:.1f} ms (median of {len(ordinary)}): a switch costs {after - usual:.1f} ms")
+    return (f"  a chunk after a prompt switch {after:.1f} ms from the chunk before (mean of "
+            f"{len(switched)}), an ordinary one {usual:.1f} ms (median of {len(ordinary)}): a switch costs "
+            f"{after - usual:.1f} ms")
 
 
 def agree(run, problem):
