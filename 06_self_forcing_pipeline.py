@@ -794,7 +794,8 @@ def forward_flops(config, tokens, visible_keys):
 
 
 def cpu_estimate(config, video):
-    """(what a CPU run costs, in a line, where over 100x the tiny default run, else None; its minutes)."""
+    """(what a CPU run of the DiT costs, in a line, where over 100x the tiny default run, else None; its
+    minutes). A decoder (stage 07) comes on top."""
     flops = video_flops(config, video)
     scale = video_flops(PRESETS["tiny"], VideoSpec(21, *PRESET_SIZE["tiny"]))
     minutes = flops / 30e9 / 60
@@ -803,9 +804,8 @@ def cpu_estimate(config, video):
     cache = config.num_layers * video.cache_plan[0] * video.tokens_per_frame * 2 * config.dim
     gib = 4 * (parameters + cache) / 2**30
     line = (f"this CPU run needs about {flops / 1e12:,.1f} TFLOP and {gib:.1f} GiB of float32 weights and "
-            "cache "
-            f"({flops / scale:,.0f}x the tiny preset's default run): at a few tens of GFLOP/s "
-            f"{f'about {minutes:,.0f} min' if minutes >= 1 else 'under a minute'}")
+            f"cache for the DiT ({flops / scale:,.0f}x the tiny preset's default run): at a few tens of "
+            f"GFLOP/s {f'about {minutes:,.0f} min' if minutes >= 1 else 'under a minute'}, decoding apart")
     return line if flops >= 100 * scale else None, minutes
 
 
