@@ -939,6 +939,8 @@ def flag_problem(args):
         return f"--graph-timeout must be a number of seconds from 1 to 1000000, got {args.graph_timeout}"
     if args.wan_folder and not args.prompt:
         return "--wan-folder is read only with --prompt"
+    if args.use_ema and not args.checkpoint:
+        return "--use-ema picks the EMA weights of a --checkpoint: give one"
     problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
                                     getattr(args, "video", None))
     if problem or torch.cuda.is_available():

@@ -33,6 +33,8 @@ def parser():
     bench.add_argument("--profile", action="store_true",
                        help="profile one chunk forward on rank 0, eager and graphed (host vs kernel time)")
     bench.add_argument("--profile-dir", default=None, help="--profile: also write the profiler tables here")
+    p.checks.append(lambda args: args.profile_dir and not args.profile
+                    and "--profile-dir is written only with --profile")
     return p
 
 

@@ -39,6 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--seed", str(2**64)], f"--seed {2**64} is too large"),
     (["--output", ""], "--output is empty"),
     (["--wan-folder", "x"], "--wan-folder is read only with --prompt"),
+    (["--use-ema"], "--use-ema picks the EMA weights of a --checkpoint: give one"),
+    (["--switch", "40"], "--switch 40 is past the video's last latent frame, 20"),
+    (["--rebuild-sink"], "--rebuild-sink rebuilds the sink at a switch: it needs --sink-frames"),
     (["--prompt", "a fox", "--text-embedding", "t.pt"], "give --prompt or --text-embedding, not both"),
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):

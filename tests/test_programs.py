@@ -145,3 +145,10 @@ def test_every_stage_runs_its_self_check_and_answers_help(stage):
     assert command(stage, "--help").returncode == 0
     proc = command(stage)
     assert proc.returncode == 0 and "max error" in proc.stdout, proc.stderr
+
+
+def test_a_video_that_is_not_an_mp4_is_a_bad_flag(capsys):
+    with pytest.raises(SystemExit):
+        dec.parser().parse_args(["--video", "out/clip"])
+    assert capsys.readouterr().err == ("error: --video out/clip: give a file name ending in .mp4 (a fragmented "
+                                       "H.264 MP4 is written)\n")
