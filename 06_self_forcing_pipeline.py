@@ -124,12 +124,9 @@ PRESET_SIZE = {"tiny": (64, 96), "wan-1.3b": (480, 832)}     # default video hei
 
 @dataclass(frozen=True)
 class VideoSpec:
-    """What to generate: `frames` latent frames (4 (frames - 1) + 1 video frames) of height x width video
-    pixels, `chunk_frames` latent frames at a time. A chunk sees `window_frames` latent frames in all
-    (None: every earlier frame): the first `sink_frames` and the latest ones, its own included (stage 02).
-    At a prompt switch the window's chunks are re-run under the new prompt; the sink keeps the K/V of the
-    prompt it was made under unless `rebuild_sink` (LongLive's global_sink is the default). `problem()`
-    says what is wrong, if anything."""
+    """What to generate: `frames` latent frames of height x width pixels, `chunk_frames` at a time; a chunk
+    sees `window_frames` in all (None: all), `sink_frames` of them the first (stage 02); `rebuild_sink`:
+    a switch re-runs the sink too. `problem()` says what is wrong, if anything."""
     frames: int
     height: int
     width: int
@@ -406,10 +403,8 @@ def attention_backends(device):
 
 
 class VideoState:
-    """Everything one video keeps between forwards: each block's KV cache (built from the video's
-    cache_plan) and the text's cross-attention K/V. The model's forward reads both from here; the loop makes
-    room for a chunk and commits it through here. Storage is allocated once and reused by the next video
-    of the same plan at the same addresses (CUDA graphs read it)."""
+    """A video's state between forwards: each block's KV cache (from its cache_plan) and the text K/V, at
+    fixed addresses (CUDA graphs read them), reused by the next video of the same plan."""
 
     def __init__(self, model, table, cache_plan):
         held_frames, window_frames, sink_frames = cache_plan
@@ -468,11 +463,9 @@ class EagerForward:
 
 @torch.no_grad()
 def stream(model, text, video, mesh, seed=0, options=RunOptions()):
-    """Yield the latents of each chunk of `video` (a VideoSpec), [B, 16, chunk_frames, height/8, width/8],
-    on every rank, as the chunk is handed out (float32, or float64 for a float64 model). text: umT5
-    features [B, L, text_dim], or a prompt schedule [(first latent frame, features), ...] starting at frame
-    0: a chunk runs under the last prompt starting at or before its first frame, and a switch re-caches
-    (`recache`). Every rank checks the run and agrees before any work (first next())."""
+    """Yield each chunk's latents [B, 16, chunk_frames, H/8, W/8] on every rank as it is handed out. text:
+    umT5 features [B, L, text_dim], or a schedule [(first latent frame, features), ...] from frame 0 (a
+    chunk runs under the last prompt starting at or before it). Every rank agrees before any work."""
     schedule = prompt_schedule(text)
     validate(model, mesh, video, schedule)
     starts, C, S = [frame for frame, _ in schedule], video.chunk_frames, video.sink_frames
@@ -515,11 +508,8 @@ def stream(model, text, video, mesh, seed=0, options=RunOptions()):
 
 
 def recache(forward, layouts, text, kept, video, start_frame, t_zero):
-    """A prompt switch before the chunk at `start_frame` (LongLive's KV re-cache): the new text's K/V, then
-    every kept chunk that chunk will see outside the sink (and the sink's own with rebuild_sink) run once more
-    at timestep 0 under the new prompt, oldest first, each seeing the sink and the chunks re-run before it,
-    and committed again. kept: [(first frame, x0 [B, n_local, 64])] of earlier chunks, oldest first;
-    layouts(first frame): a chunk's ShardLayout."""
+    """The re-cache before the chunk at `start_frame` (the header's rule). kept: [(first frame, x0
+    [B, n_local, 64])] of earlier chunks, oldest first; layouts(first frame): a chunk's ShardLayout."""
     state, C, S, W = forward.state, video.chunk_frames, video.sink_frames, video.window_frames
     state.set_text(forward.model.text_context(text))
     state.rewind(keep_sink=not video.rebuild_sink)
@@ -543,9 +533,8 @@ def prompt_of_chunk(starts, start_frame):
 
 
 def warm_up_video(video):
-    """The shortest video whose chunks see every cache length that `video`'s chunks will see (the CUDA
-    graphs' keys; a re-cache sees the lengths of the video's first chunks): up to the first chunk that sees
-    a full window, however long `video` runs; the whole video without a window."""
+    """The shortest video whose chunks see every cache length (graph key) `video`'s will, re-caches
+    included: up to the first chunk that sees a full window; all of `video` without a window."""
     if video.window_frames is None:
         return video
     C = video.chunk_frames
@@ -716,8 +705,7 @@ def finish(timeout_s=120):
 
 def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False):
     """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
-    loaded strictly; fp8: the blocks' linear layers in FP8 (use_fp8). On a GPU the code around attention
-    runs compiled."""
+    loaded strictly; fp8: use_fp8. On a GPU the code around attention runs compiled."""
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
@@ -741,9 +729,8 @@ def fp8_rows(x):
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer run in FP8: its weight stored in e4m3 with one scale per output channel, its input
-    quantized per token as it comes, one torch._scaled_mm (float32 accumulation, bias added, output in the
-    input's dtype). y = (q_x s_x)(q_w s_w)^T + b."""
+    """y = (q_x s_x)(q_w s_w)^T + b in one torch._scaled_mm: the weight in e4m3 with a scale per output
+    channel, the input quantized per token as it comes, float32 accumulation."""
 
     def __init__(self, linear):
         super().__init__()
@@ -760,9 +747,7 @@ class Fp8Linear(nn.Module):
 
 
 def use_fp8(model):
-    """The blocks' linear layers on the token stream (self-attention q, k, v, o; cross-attention q, o; the
-    FFN) in FP8. The text's K/V projections run once per video and stay as they are, as do the embeddings
-    and the head."""
+    """The blocks' linear layers on the token stream in FP8 (not the text K/V, embeddings or head)."""
     for block in model.blocks:
         attention, cross, ffn = block.self_attn, block.cross_attn, block.ffn
         attention.q, attention.k, attention.v, attention.o = (
@@ -1034,9 +1019,8 @@ def read_inputs(run, *more, outputs=("output",)):
 
 
 def switch_cost(hand_outs, prompts, video):
-    """A line: the mean time from a chunk's hand-out to the next for the chunks that follow a switch (their
-    re-cache included) beside the median for the others, over the chunks that see a full window; None
-    without a switch. hand_outs: seconds to each chunk's hand-out."""
+    """A line: chunks after a switch (re-cache included) beside the others, hand-out to hand-out, once the
+    window is full; None without a switch. hand_outs: seconds to each chunk's hand-out."""
     starts, C = [frame for frame, _ in prompts], video.chunk_frames
     full = 0 if video.window_frames is None else -(-video.window_frames // C)
     gaps = {k: hand_outs[k] - hand_outs[k - 1] for k in range(max(1, full), len(hand_outs))}

@@ -116,16 +116,14 @@ class RowBands:
         return self.bounds[self.rank]
 
     def halo(self, x, rows=1):
-        """x [B, C, T, h, W] with `rows` neighbour rows above and below (zeros at the edges):
-        [B, C, T, h + 2 rows, W]."""
+        """x [B, C, T, h, W] -> [B, C, T, h + 2 rows, W]: neighbour rows above and below (zeros at edges)."""
         out = x.new_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4])
         out[:, :, :, rows:-rows] = x
         self.fill_halo(out, x, rows)
         return out
 
     def fill_halo(self, out, x, rows):
-        """Write the neighbours' edge rows (zeros at the frame's edges) into out's first and last `rows`
-        rows."""
+        """The neighbours' edge rows (zeros at the frame's edges) into out's first and last `rows` rows."""
         top, bottom = out[:, :, :, :rows], out[:, :, :, -rows:]
         received, ops = [], []
         for peer, mine, theirs in ((self.rank - 1, x[:, :, :, :rows], top),
@@ -447,9 +445,7 @@ def build_job_decoder(run, dtype=None):
 
 
 def time_frames(run, model, prompts, vae, overlap, video, writer=None, keep=True, report=None):
-    """(frames, host seconds to each hand-out of frames, seconds to the end) of one video, as a viewer gets
-    them: the first frame alone, then each chunk's. The writer is closed at the end; keep=False keeps the
-    first chunk's frames only; `report` (a MinuteReport) hears of every hand-out."""
+    """(frames, host seconds to each hand-out, to the end) of a video as a viewer gets them; closes writer."""
     bands = RowBands.for_job(video.latent_height, run.mesh)
     clock, frames, marks = Clock(run.device), [], []
     chunks = sf.stream(model, prompts, video, run.mesh, run.args.seed, run.options)

@@ -70,3 +70,18 @@ def test_a_stage_takes_from_earlier_stages_only_what_they_define(stage):
     for earlier, names in taken(parse(stage)).items():
         assert earlier < stage, f"{stage} imports the later stage {earlier}"
         assert not names - defined(earlier), f"{stage} takes {names - defined(earlier)} through {earlier}"
+
+
+def docstring_lines(tree):
+    return sum(node.body[0].end_lineno - node.body[0].lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node)
+               and isinstance(node.body[0], ast.Expr))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_is_mostly_code(stage):
+    """Prose stays concise: docstrings at most 15% of a stage's lines, and no line over 110 characters."""
+    with open(os.path.join(ROOT, stage)) as f:
+        text = f.read()
+    assert docstring_lines(ast.parse(text)) <= 0.15 * text.count("\n")
+    assert max(len(line) for line in text.splitlines()) <= 110
