@@ -221,10 +221,11 @@ def full_pass_attention(q, k, v, grid, chunk_frames, window_frames=None, sink_fr
     rq = rope.causal_rope(q, grid, 0).transpose(1, 2)
     mask = block_causal_mask(frames, tpf, chunk_frames, window_frames, sink_frames).to(q.device)
     outs, sink = [], sink_frames * tpf
+    rk_in_place = rope.causal_rope(k, grid, 0)                       # every key at its own frame
     for end in range(chunk_frames, frames + 1, chunk_frames):
-        rk = rope.causal_rope(k, grid, 0)
-        shift = sink_shift(end, window_frames, sink_frames)
+        rk, shift = rk_in_place, sink_shift(end, window_frames, sink_frames)
         if shift:
+            rk = rk_in_place.clone()
             rk[:, :sink] = rope.causal_rope(k[:, :sink], (sink_frames, height, width), shift)
         rows = slice((end - chunk_frames) * tpf, end * tpf)
         outs.append(attention(rq[:, :, rows], rk.transpose(1, 2), v.transpose(1, 2), mask[rows]))
