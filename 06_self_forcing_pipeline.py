@@ -481,15 +481,15 @@ def stream(model, text, video, mesh, seed=0, options=RunOptions()):
     out_dtype = torch.promote_types(model.dtype, torch.float32)
     window_chunks = None if video.window_frames is None else -(-(video.window_frames - S) // C)
     sink, recent = [], collections.deque(maxlen=window_chunks)          # x0 a re-cache may re-run
+    layouts = lambda first: fused.ShardLayout(mesh, table, first, C)   # a chunk's shards and RoPE rows
     prompt_index = 0
     with attention_backends(device):
         for start_frame in range(0, video.frames, C):
             if prompt_of_chunk(starts, start_frame) != prompt_index:
                 prompt_index = prompt_of_chunk(starts, start_frame)
-                layouts = lambda first: fused.ShardLayout(mesh, table, first, C)
                 recache(forward, layouts, schedule[prompt_index][1].to(device), sink + list(recent), video,
                         start_frame, t_zero)
-            layout = fused.ShardLayout(mesh, table, start_frame, C)
+            layout = layouts(start_frame)
             forward.state.make_room(layout)
             x0 = denoise_chunk(forward, layout, noise, batch, video)                   # [B, n_local, 64]
             chunk = sp.gather_tokens(x0, mesh, layout.length)                         # hand the chunk out
@@ -1076,6 +1076,12 @@ def warm_up(run, fn):
     return clock.mark(), result
 
 
+def cold_start(warm, what, video):
+    """The line of a warm-up's first hand-out (warm_up's result, whose run returned its marks second)."""
+    return (f"  cold start: {what} {warm[1][1][0]:.1f} s after the call (compile, CUDA graph capture); "
+            f"warm-up of {warm_up_video(video).frames} latent frames {warm[0]:.1f} s")
+
+
 def first_chunk_video(video):
     return replace(video, frames=CHUNK_FRAMES)
 
@@ -1110,8 +1116,7 @@ def main(argv=None):
     if run.show:
         print(f"{run.name}: {run.describe()}")
         if warm is not None:
-            print(f"  cold start: first chunk {warm[1][1][0]:.1f} s after the call (compile, CUDA graph "
-                  f"capture); warm-up of {warm_up_video(video).frames} latent frames {warm[0]:.1f} s")
+            print(cold_start(warm, "first chunk", video))
         print(f"  first chunk {marks[0] * 1e3:.1f} ms, total {marks[-1]:.3f} s, {video.video_frames} video "
               f"frames -> {video.video_frames / marks[-1]:.1f} FPS (latents)"
               f"{f'; latents {tuple(latents.shape)} saved to {a.output}' if kept(a) else ''}")

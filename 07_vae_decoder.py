@@ -33,8 +33,8 @@ Uses
     03_sequence_parallel: shard_bounds, gather_shards
     05_fused_comm: compiled
     06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
-        generate, warm_up, warm_up_video, kept, output_problem, agree, save_on_rank_zero, switch_cost,
-        tolerance, compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
+        generate, warm_up, warm_up_video, cold_start, kept, output_problem, agree, save_on_rank_zero,
+        switch_cost, tolerance, compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
 
 Run
     python 07_vae_decoder.py                      the tiny pipeline decoded as it streams: the first frame's
@@ -484,9 +484,7 @@ def main(argv=None):
     T, (H, W) = video.video_frames, pixels.shape[3:]
     if run.show:
         if warm is not None:
-            print(f"  cold start: first decoded frame {warm[1][1][0]:.1f} s after the call (compile, CUDA "
-                  f"graph capture); warm-up of {sf.warm_up_video(video).frames} latent frames "
-                  f"{warm[0]:.1f} s")
+            print(sf.cold_start(warm, "first decoded frame", video))
         print(f"  first decoded frame {marks[0] * 1e3:.1f} ms after the call, the first chunk's "
               f"{frames[0].shape[2] + frames[1].shape[2]} frames {marks[1] * 1e3:.1f} ms; all {T} frames in "
               f"{total:.3f} s -> {T / total:.1f} FPS"
