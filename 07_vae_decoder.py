@@ -20,10 +20,14 @@ The idea
 
     Sharded: each rank decodes a contiguous band of rows of every frame. Every layer but the middle
     attention is local in space, and a 3x3 convolution needs one row beyond its band on each side: before
-    each one a rank swaps its edge rows with its two neighbours (RowBands: 2 sends, 2 receives), where an
-    all-to-all would move the whole activation twice. The middle attention all-gathers the latent-size
-    frame's keys and values. A chunk runs 33 such convolutions (conv1, the middle's 4, 24 in the up levels,
-    3 resample convs, the head's 1): at 480x832, bf16, 0.24-1.9 MB per message.
+    each of the 33 a rank swaps its edge rows with its two neighbours (RowBands: 2 sends, 2 receives; 0.24-
+    1.9 MB at 480x832 bf16), where an all-to-all would move the whole activation twice. The middle attention
+    all-gathers the latent-size frame's keys and values.
+
+    On a GPU every activation stays channels last (NDHWC), the layout cuDNN's kernels read, so no
+    convolution transposes its input; each RMS norm + SiLU is one Triton pass written straight into the
+    buffer its convolution reads, and each bias goes in with the residual in one more (PyTorch's own bias
+    pass is slow on this layout). One H200, bf16, a later chunk: 178.6 -> 108.0 ms (README).
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -31,7 +35,6 @@ Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
 
 Uses
     03_sequence_parallel: shard_bounds, gather_shards
-    05_fused_comm: compiled
     06_self_forcing_pipeline: VAE_STRIDE, parser, video_spec, set_up, read_inputs, chosen_dtype, stream,
         generate, warm_up, warm_up_video, cold_start, kept, output_problem, agree, save_on_rank_zero,
         switch_cost, tolerance, compare_with_one_process, first_chunk_video, CHUNK_FRAMES, finish
@@ -46,6 +49,7 @@ Run
 import functools
 import importlib
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +62,6 @@ from support.harness import BadInput, check, run_main
 from support.timing import Clock, MinuteReport
 
 sp = importlib.import_module("03_sequence_parallel")
-fused = importlib.import_module("05_fused_comm")
 sf = importlib.import_module("06_self_forcing_pipeline")
 
 # Wan2.1's latent statistics (wan/modules/vae.py WanVAE; diffusers' latents_mean / latents_std)
@@ -115,9 +118,14 @@ class RowBands:
         """This rank's latent rows, [first, end)."""
         return self.bounds[self.rank]
 
+    def halo_rows(self, rows):
+        """The rows a band gets from each neighbour before a convolution `rows` deep (none with one rank:
+        the convolution pads its own zeros)."""
+        return rows if self.world_size > 1 else 0
+
     def halo(self, x, rows=1):
         """x [B, C, T, h, W] -> [B, C, T, h + 2 rows, W]: neighbour rows above and below (zeros at edges)."""
-        out = x.new_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4])
+        out = channels_last_empty(*x.shape[:3], x.shape[3] + 2 * rows, x.shape[4], like=x)
         out[:, :, :, rows:-rows] = x
         self.fill_halo(out, x, rows)
         return out
@@ -129,7 +137,7 @@ class RowBands:
         for peer, mine, theirs in ((self.rank - 1, x[:, :, :, :rows], top),
                                    (self.rank + 1, x[:, :, :, -rows:], bottom)):
             if 0 <= peer < self.world_size:
-                buffer = torch.empty_like(theirs)
+                buffer = torch.empty(theirs.shape, dtype=theirs.dtype, device=theirs.device)  # as mine, sent
                 ops += [dist.P2POp(dist.isend, mine.contiguous(), peer, self.group),
                         dist.P2POp(dist.irecv, buffer, peer, self.group)]
                 received.append((theirs, buffer))
@@ -157,6 +165,11 @@ def side_group(mesh):
 
 # ----------------------------------------------------------------------------- the decoder's layers
 
+def channels_last_empty(*shape, like):
+    """An uninitialized [B, C, T, H, W] tensor laid out channels last (NDHWC in memory)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
+
+
 def rms_norm(x, gamma, eps=1e-12):
     """Wan's RMS norm over the channels (dim 1), in float32 or wider: F.normalize(x) * sqrt(C) * gamma."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -164,45 +177,109 @@ def rms_norm(x, gamma, eps=1e-12):
     return out.type_as(x) * gamma
 
 
-def norm_silu(x, gamma):
-    return F.silu(rms_norm(x, gamma))
+def norm_silu_into(out, x, gamma):
+    """out[...] = SiLU(rms_norm(x)): the norm written straight into (a view of) a convolution's input; on a
+    GPU in one pass (gpu_kernels), where out keeps each frame's rows contiguous, channels last."""
+    B, C, T, h, W = x.shape
+    if not fast_on_gpu(x) or out.stride(1) != 1 or out.stride(3) != W * C or out.stride(4) != C:
+        return out.copy_(F.silu(rms_norm(x, gamma)))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    C2 = 1 << (C - 1).bit_length()
+    block, positions = max(1, 4096 // C2), B * T * h * W
+    gpu_kernels().norm_silu[(-(-positions // block),)](
+        x, gamma, out, positions, T, h * W, out.stride(0), out.stride(2), C ** 0.5, 1e-24, C=C, C2=C2,
+        BLOCK=block, num_warps=4)
+    return out
+
+
+def add_bias(y, bias, residual=None):
+    """y += bias (per channel), then + residual, in place; on a GPU in one pass (gpu_kernels), where
+    PyTorch's own bias pass after a cuDNN convolution is slow on channels-last tensors."""
+    if not fast_on_gpu(y) or (residual is not None and residual.stride() != y.stride()):
+        y.add_(bias.view(-1, 1, 1, 1))
+        return y if residual is None else y.add_(residual)
+    n, block = y.numel(), 4096
+    gpu_kernels().add_bias[(-(-n // block),)](y, bias, y if residual is None else residual, n, y.shape[1],
+                                              HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4)
+    return y
+
+
+def fast_on_gpu(x):
+    return x.is_cuda and x.dtype != torch.float64 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_kernels():
+    """The two memory-bound passes as Triton kernels over channels-last rows (C channels contiguous)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_silu(x, gamma, out, positions, frames, frame, out_batch, out_frame, sqrt_c, eps2,
+                  C: tl.constexpr, C2: tl.constexpr, BLOCK: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)         # positions (b, t, y, x)
+        c = tl.arange(0, C2)
+        mask = (p < positions)[:, None] & (c < C)[None, :]
+        v = tl.load(x + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.rsqrt(tl.maximum(tl.sum(v * v, axis=1), eps2))
+        y = (v * scale[:, None] * sqrt_c).to(x.dtype.element_ty).to(tl.float32)      # rounded as rms_norm
+        g = tl.load(gamma + c, mask=c < C, other=0.0).to(tl.float32)
+        y = (y * g[None, :]).to(x.dtype.element_ty).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y))                                                        # SiLU
+        frame_of, at = p // frame, p % frame
+        where = (frame_of // frames) * out_batch + (frame_of % frames) * out_frame + at * C
+        tl.store(out + where[:, None] + c[None, :], y.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def add_bias(y, bias, residual, n, C, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        v = tl.load(y + i, mask=m).to(tl.float32) + tl.load(bias + i % C, mask=m).to(tl.float32)
+        if HAS_RESIDUAL:                                                  # rounded between, as two adds
+            v = v.to(y.dtype.element_ty).to(tl.float32) + tl.load(residual + i, mask=m).to(tl.float32)
+        tl.store(y + i, v.to(y.dtype.element_ty), mask=m)
+
+    return types.SimpleNamespace(norm_silu=norm_silu, add_bias=add_bias)
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, images=False):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
-        self.norm_silu = norm_silu                  # build_decoder compiles it for a GPU
 
-    def forward(self, x, silu=False):
-        """The norm (then SiLU, if asked) of x [B, C, T, H, W]."""
+    def forward(self, x, silu=False, out=None):
+        """The norm of x [B, C, T, H, W]; with silu, then SiLU, written into out."""
         gamma = self.gamma.view(-1, 1, 1, 1)
-        return self.norm_silu(x, gamma) if silu else rms_norm(x, gamma)
+        if not silu:
+            return rms_norm(x, gamma)
+        return norm_silu_into(out, x, gamma)
 
 
 class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution, causal in time: its input padded, in one buffer, with kt - 1 past frames (the time
-    cache; zeros before the first), kh // 2 halo rows and kw // 2 zero columns."""
+    """A 3-D convolution, causal in time: its input is one buffer holding kt - 1 past frames (the time cache;
+    zeros before the first), then x, or SiLU(norm(x)) written there by `norm`, with kh // 2 neighbour rows
+    above and below where bands need them. The convolution pads the frame's edges with zeros itself."""
 
-    def forward(self, x, cache, bands):
+    def forward(self, x, cache, bands, norm=None, residual=None):
         kt, kh, kw = self.kernel_size
-        if kt == 1 and kh == 1 and kw == 1:
-            return super().forward(x)
-        past, rows, cols = kt - 1, kh // 2, kw // 2
+        past, rows = kt - 1, bands.halo_rows(kh // 2)
+        padding = (0, kh // 2 - rows, kw // 2)
         B, C, T, h, W = x.shape
-        padded = x.new_empty(B, C, past + T, h + 2 * rows, W + 2 * cols)   # [.., past + T, h + 2, W + 2]
-        inside = padded[:, :, past:, :, cols:cols + W]
-        inside[:, :, :, rows:rows + h] = x
+        padded = channels_last_empty(B, C, past + T, h + 2 * rows, W, like=x)   # [B, C, past + T, h + 2r, W]
+        inside = padded[:, :, past:, rows:rows + h]
+        if norm is not None:
+            norm(x, silu=True, out=inside)
+        elif past or rows:
+            inside.copy_(x)
+        else:
+            return add_bias(F.conv3d(x, self.weight, None, padding=padding), self.bias, residual)
         if rows:
-            bands.fill_halo(inside, x, rows)
-        if cols:
-            padded[:, :, past:, :, :cols] = 0
-            padded[:, :, past:, :, -cols:] = 0
+            bands.fill_halo(padded[:, :, past:], inside, rows)
         if past:
             kept = cache.get(self)
             padded[:, :, :past] = 0 if kept is None else kept
             cache[self] = padded[:, :, -past:].clone()          # the next call's past frames (halo included)
-        return super().forward(padded)
+        return add_bias(F.conv3d(padded, self.weight, None, padding=padding), self.bias, residual)
 
 
 class ResidualBlock(nn.Module):
@@ -217,8 +294,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cache, bands):
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         shortcut = x if self.shortcut is None else self.shortcut(x, cache, bands)
-        h = conv1(norm1(x, silu=True), cache, bands)
-        return conv2(norm2(h, silu=True), cache, bands) + shortcut
+        return conv2(conv1(x, cache, bands, norm1), cache, bands, norm2, residual=shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -258,15 +334,20 @@ class Resample(nn.Module):
             cache[self] = True
             head, x = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
             if x.shape[2]:
-                B, C, T, h, W = x.shape
-                x = self.time_conv(x, cache, bands).view(B, 2, C, T, h, W)               # frames 2t, 2t+1
-                x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, h, W)
+                B, C, T, h, W = x.shape                                 # channels 2t, 2t+1 -> frames 2t, 2t+1
+                x = self.time_conv(x, cache, bands).permute(0, 2, 3, 4, 1).reshape(B, T, h, W, 2, C)
+                x = x.permute(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, h, W, C).permute(0, 4, 1, 2, 3)
             x = torch.cat([head, x], dim=2)
-        x = bands.halo(x, 1)                                                             # one row each side
-        B, C, T, h, W = x.shape
-        x = x[:, :, :, :, None, :, None].expand(B, C, T, h, 2, W, 2).reshape(B, C, T, 2 * h, 2 * W)
-        conv = self.resample[1]                                 # 2x nearest; one halo row each side stays
-        return F.conv3d(x[:, :, :, 1:-1], conv.weight[:, :, None], conv.bias, padding=(0, 0, 1))
+        rows = bands.halo_rows(1)
+        if rows:
+            x = bands.halo(x, rows)                                     # one neighbour row each side
+        B, C, T, h, W = x.shape                                         # 2x nearest, channels last
+        x = x.permute(0, 2, 3, 4, 1)[:, :, :, None, :, None].expand(B, T, h, 2, W, 2, C)
+        x = x.reshape(B, T, 2 * h, 2 * W, C).permute(0, 4, 1, 2, 3)
+        if rows:
+            x = x[:, :, :, 1:-1]                                        # one upsampled halo row each side
+        conv = self.resample[1]
+        return add_bias(F.conv3d(x, conv.weight[:, :, None], None, padding=(0, 1 - rows, 1)), conv.bias)
 
 
 class Decoder3d(nn.Module):
@@ -293,7 +374,7 @@ class Decoder3d(nn.Module):
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache, bands)
         norm, _, conv = self.head
-        return conv(norm(x, silu=True), cache, bands)
+        return conv(x, cache, bands, norm)
 
 
 class WanVAEDecoder(nn.Module):
@@ -318,8 +399,8 @@ class WanVAEDecoder(nn.Module):
                 torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
                 for values in (self.config.latents_mean, self.config.latents_std)]
         mean, std = self.statistics[key]
-        z = latents.to(self.dtype) * std + mean
-        return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1)
+        z = (latents.to(self.dtype) * std + mean).contiguous(memory_format=torch.channels_last_3d)
+        return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------- decoding a stream
@@ -386,17 +467,19 @@ def wait(pending):
 
 
 def build_decoder(preset, dtype, device, seed, path=None):
-    """A DECODER_PRESETS decoder: random weights from `seed`, or a Wan VAE file's, loaded strictly. On a GPU
-    each RMS norm + SiLU runs as one compiled kernel (one compilation for every shape)."""
+    """A DECODER_PRESETS decoder: random weights from `seed`, or a Wan VAE file's, loaded strictly; every
+    weight laid out channels last."""
     torch.manual_seed(seed)
     vae = WanVAEDecoder(DECODER_PRESETS[preset]).to(dtype)     # loaded in the dtype asked for
     if path:
         weights.load_vae_decoder(vae, path, vae.config.levels, vae.config.num_res_blocks + 1)
-    if torch.device(device).type == "cuda":
-        for norm in vae.modules():
-            if isinstance(norm, RMSNorm):
-                norm.norm_silu = fused.compiled(norm_silu, dynamic=True)
-    return vae.to(device).eval()
+    vae = vae.to(device).eval()
+    for conv in vae.modules():
+        if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+            layout = torch.channels_last if conv.weight.dim() == 4 else torch.channels_last_3d
+            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    return vae
+
 
 # ----------------------------------------------------------------------------- the program
 
