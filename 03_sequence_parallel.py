@@ -361,12 +361,13 @@ def commit_chunk(cache, mesh, chunk):
     cache.commit(chunk, ring_shard_of(mesh, chunk))
 
 
-def attend_heads(q_tm, kv, mesh, chunk, cache=None):
-    """q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D], then back to my token shard."""
+def attend_heads(q_tm, kv, mesh, chunk, cache=None, attend=causal.fast_attention):
+    """q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D], then back to my token shard;
+    `attend` (as F.scaled_dot_product_attention) where no ring splits the keys."""
     length = chunk[1] - chunk[0]
     q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
-        out = causal.fast_attention(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))
+        out = attend(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))
     else:                           # every ring rank's K/V length: cached part (if any) + its chunk shard
         lengths = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
         if cache is not None:

@@ -120,6 +120,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
         self.mode, self.pack_qkv = mode, compiled(pack_qkv) if compile else pack_qkv
+        self.attend = causal.fast_attention                 # the attention kernel (stage 06 may swap it)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
@@ -144,7 +145,7 @@ class CausalSelfAttention(nn.Module):
                 slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(layout.mesh, layout.chunk))
                 sp.copy_rows_(slot, kv)
                 kv = kv_all                                           # [cached + n_ring, 2, B, Hu, D]
-            out = sp.attend_heads(q_tm, kv, layout.mesh, layout.chunk, cache)   # [B, n, H, D]
+            out = sp.attend_heads(q_tm, kv, layout.mesh, layout.chunk, cache, self.attend)   # [B, n, H, D]
         return self.o(out.flatten(2))
 
     def unfused_attention(self, q, k, v, layout, cache):

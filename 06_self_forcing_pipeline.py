@@ -703,9 +703,11 @@ def finish(timeout_s=120):
 
 # ----------------------------------------------------------------------------- weights
 
-def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False):
+def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False,
+                attention="sdpa"):
     """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
-    loaded strictly; fp8: use_fp8. On a GPU the code around attention runs compiled."""
+    loaded strictly; fp8: use_fp8; attention: the self-attention kernel (ATTENTION_KERNELS). On a GPU the
+    code around attention runs compiled."""
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
@@ -713,6 +715,9 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
         weights.load_dit(model, checkpoint, use_ema)
     if fp8:
         use_fp8(model)
+    if attention == "flash-attn-4":
+        for block in model.blocks:
+            block.self_attn.attend = extras.flash_attention_4()
     return model.to(device).eval()
 
 
@@ -846,6 +851,9 @@ def parser(doc=__doc__, output="out/latents.pt"):
     how.add_argument("--fp8", action="store_true",
                      help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); measured "
                           "slower than bf16 on one H200 as it stands (README)")
+    how.add_argument("--attention", choices=["sdpa", "flash-attn-4"], default="sdpa",
+                     help="the DiT's self-attention kernel: PyTorch's (cuDNN first), or FlashAttention-4 "
+                          "(optional package; a ring keeps PyTorch's)")
     how.add_argument("--allow-cpu", action="store_true",
                      help="run on the CPU even where that takes over 100x the tiny preset's default run")
     return p
@@ -926,8 +934,9 @@ def flag_problem(args):
         return "--wan-folder is read only with --prompt"
     if args.use_ema and not args.checkpoint:
         return "--use-ema picks the EMA weights of a --checkpoint: give one"
-    problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
-                                    getattr(args, "video", None))
+    problem = (extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
+                                     getattr(args, "video", None))
+               or (args.attention == "flash-attn-4" and extras.flash_attention_4_problem()))
     if problem or torch.cuda.is_available():
         return problem
     if args.exchange == "symm":
@@ -997,7 +1006,8 @@ def read_inputs(run, *more, outputs=("output",)):
                  if getattr(a, flag, None) not in (None, "none")]
         problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
     try:
-        model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8)
+        model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8,
+                            a.attention)
         load = lambda path, i, flag: weights.load_text(path, model.config, 1, a.seed + i, flag)
         built[0], built[1] = model, [(0, load(a.text_embedding, 0, "--text-embedding "))] + [
             (frame, None if a.prompt else load(value, i, f"--switch {frame}="))

@@ -1,6 +1,7 @@
 """The optional ends of the pipeline: a prompt through umT5 in (transformers, and a local Wan2.1 diffusers
-release's text_encoder/ and tokenizer/), an mp4 out (imageio with imageio-ffmpeg). The core, its tests and
-CI never need these packages; without them the flags that use them stop at once with one line."""
+release's text_encoder/ and tokenizer/), an mp4 out (imageio with imageio-ffmpeg), FlashAttention-4's
+kernels (flash-attn-4). The core, its tests and CI never need these packages; without them the flags that
+use them stop at once with one line."""
 import importlib.util
 import os
 import queue
@@ -16,6 +17,25 @@ EXTRAS = "pip install transformers imageio imageio-ffmpeg"
 
 def missing(packages):
     return [name for name in packages if importlib.util.find_spec(name) is None]
+
+
+def flash_attention_4_problem():
+    """What stops FlashAttention-4 (the flash-attn-4 package's CuTe kernels) here (a message), or None."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return "--attention flash-attn-4 needs a Hopper or newer GPU (compute capability 9.0+)"
+    if missing(["flash_attn"]):
+        return "--attention flash-attn-4 needs the optional package flash-attn-4: pip install flash-attn-4"
+    return None
+
+
+def flash_attention_4():
+    """FlashAttention-4's forward as attend(q, k, v) on [B, H, S, D], as F.scaled_dot_product_attention."""
+    from flash_attn.cute import flash_attn_func
+
+    def attend(q, k, v):
+        out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))   # [B, S, H, D]
+        return out.transpose(1, 2)
+    return attend
 
 
 def extras_problem(prompt, wan_folder, text_embedding, video=None):

@@ -43,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--switch", "40"], "--switch 40 is past the video's last latent frame, 20"),
     (["--rebuild-sink"], "--rebuild-sink rebuilds the sink at a switch: it needs --sink-frames"),
     (["--prompt", "a fox", "--text-embedding", "t.pt"], "give --prompt or --text-embedding, not both"),
+    (["--attention", "flash-attn-4"], "--attention flash-attn-4 needs "),
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
