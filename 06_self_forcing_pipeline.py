@@ -857,8 +857,8 @@ def parser(doc=__doc__, output="out/latents.pt"):
                      help="seconds a CUDA graph capture and its first replay may take before every rank "
                           "stops")
     how.add_argument("--fp8", action="store_true",
-                     help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); measured "
-                          "slower than bf16 on one H200 as it stands (README)")
+                     help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); its "
+                          "speed and distance from bf16 in the README")
     how.add_argument("--allow-cpu", action="store_true",
                      help="run on the CPU even where that takes over 100x the tiny preset's default run")
     return p
