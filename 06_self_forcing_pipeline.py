@@ -237,6 +237,7 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
         self.around_attention = tuple(fused.compiled(f) if compile else f
                                       for f in (Block.pre_attention, Block.post_attention))
+        self.fp8_qkv = None            # use_fp8: self-attention's q, k, v as one FP8 layer, run before it
 
     def modulated(self, norm, x, e, frame_index, which):
         """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale) = e[.., which:which+2]."""
@@ -257,7 +258,9 @@ class Block(nn.Module):
         return self.ffn[2](hidden.unflatten(0, h.shape[:2]))
 
     def pre_attention(self, x, e, frame_index):
-        return self.modulated(self.norm1, x, e, frame_index, 0)
+        """Self-attention's input; in FP8 its (q, k, v), the input quantized here, in the compiled code."""
+        h = self.modulated(self.norm1, x, e, frame_index, 0)
+        return h if self.fp8_qkv is None else self.fp8_qkv(h)
 
     def post_attention(self, x, y, e, frame_index, context_kv):
         """Everything after self-attention: gated residual, cross-attention, modulated FFN."""
@@ -268,7 +271,7 @@ class Block(nn.Module):
 
     def forward(self, x, e, layout, cache, context_kv):
         pre_attention, post_attention = self.around_attention
-        h = pre_attention(self, x, e, layout.frame_index)
+        h = pre_attention(self, x, e, layout.frame_index)    # [B, n, dim], or FP8's (q, k, v)
         y = self.self_attn(h, layout, cache)                  # writes the chunk's K/V to the cache slots
         return post_attention(self, x, y, e, layout.frame_index, context_kv)
 
@@ -714,7 +717,7 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
     if checkpoint:
         weights.load_dit(model, checkpoint, use_ema)
     if fp8:
-        use_fp8(model)
+        use_fp8(model, compile=on_gpu)
     if attention == "flash-attn-4":
         for block in model.blocks:
             block.self_attn.attend = extras.flash_attention_4()
@@ -733,31 +736,41 @@ def fp8_rows(x):
     return (x.float() / scale).to(FP8), scale
 
 
-class Fp8Linear(nn.Module):
-    """y = (q_x s_x)(q_w s_w)^T + b in one torch._scaled_mm: the weight in e4m3 with a scale per output
-    channel, the input quantized per token as it comes, float32 accumulation."""
+def fp8_linear(x, weight_fp8, weight_scale, bias):
+    """x [..., K] -> [..., N] in x's dtype: x quantized per token, one torch._scaled_mm adding the bias."""
+    values, scale = fp8_rows(x.flatten(0, -2))                                   # [M, K], [M, 1]
+    y = torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
+                         bias=bias.to(x.dtype), out_dtype=x.dtype)
+    return y.unflatten(0, x.shape[:-1])
 
-    def __init__(self, linear):
+
+class Fp8Linear(nn.Module):
+    """y = (q_x s_x)(q_w s_w)^T + b (fp8_linear), the weight in e4m3 with a scale per output channel. Layers
+    on one input make one: weights stacked, one GEMM, outputs split. compile: for a call from eager code."""
+
+    def __init__(self, *linears, compile=False):
         super().__init__()
-        weight, scale = fp8_rows(linear.weight)
+        weight, scale = fp8_rows(torch.cat([layer.weight for layer in linears]))
         self.register_buffer("weight_fp8", weight)                               # [N, K] e4m3
         self.register_buffer("weight_scale", scale.t().contiguous())             # [1, N]
-        self.bias = linear.bias
+        self.bias = nn.Parameter(torch.cat([layer.bias for layer in linears]).detach())
+        self.splits = [layer.out_features for layer in linears]
+        self.run = fused.compiled(fp8_linear) if compile else fp8_linear
 
     def forward(self, x):
-        values, scale = fp8_rows(x.flatten(0, -2))                               # [M, K], [M, 1]
-        y = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                             bias=self.bias.to(x.dtype), out_dtype=x.dtype)
-        return y.unflatten(0, x.shape[:-1])
+        y = self.run(x, self.weight_fp8, self.weight_scale, self.bias)
+        return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
 
 
-def use_fp8(model):
-    """The blocks' linear layers on the token stream in FP8 (not the text K/V, embeddings or head)."""
+def use_fp8(model, compile=False):
+    """The blocks' linear layers on the token stream in FP8 (not the text K/V, embeddings or head); compile
+    (GPU): each input is quantized once, in the compiled code that makes it."""
     for block in model.blocks:
         attention, cross, ffn = block.self_attn, block.cross_attn, block.ffn
-        attention.q, attention.k, attention.v, attention.o = (
-            Fp8Linear(layer) for layer in (attention.q, attention.k, attention.v, attention.o))
-        cross.q, cross.o = Fp8Linear(cross.q), Fp8Linear(cross.o)
+        block.fp8_qkv = Fp8Linear(attention.q, attention.k, attention.v)     # one GEMM, in pre_attention
+        del attention.q, attention.k, attention.v
+        attention.o = Fp8Linear(attention.o, compile=compile)                # called by stage 05's eager code
+        cross.q, cross.o = Fp8Linear(cross.q), Fp8Linear(cross.o)            # these four: in post_attention
         ffn[0], ffn[2] = Fp8Linear(ffn[0]), Fp8Linear(ffn[2])
     return model
 
@@ -849,8 +862,8 @@ def parser(doc=__doc__, output="out/latents.pt"):
                      help="seconds a CUDA graph capture and its first replay may take before every rank "
                           "stops")
     how.add_argument("--fp8", action="store_true",
-                     help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); measured "
-                          "slower than bf16 on one H200 as it stands (README)")
+                     help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); its "
+                          "speed and distance from bf16 in the README")
     how.add_argument("--attention", choices=["sdpa", "flash-attn-4"], default="sdpa",
                      help="the DiT's self-attention kernel: PyTorch's (cuDNN first), or FlashAttention-4 "
                           "(optional package; a ring keeps PyTorch's)")

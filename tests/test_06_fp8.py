@@ -1,13 +1,17 @@
 """The opt-in FP8 path of the DiT's linear layers: each layer is its own definition (e4m3 values times their
-scales, float32 accumulation), close to the layer it replaces, and sharded equals one process."""
+scales, float32 accumulation), close to the layer it replaces; q, k and v as one layer are the three layers,
+made before attention they are what the attention layer would make; sharded equals one process."""
 import importlib
 
+import pytest
 import torch
 
 from rank_pool import get_pool
 from support.weights import load_text
 
+rope = importlib.import_module("01_rope")
 sp = importlib.import_module("03_sequence_parallel")
+fused = importlib.import_module("05_fused_comm")
 sf = importlib.import_module("06_self_forcing_pipeline")
 
 
@@ -26,6 +30,37 @@ def test_an_fp8_layer_is_its_definition_and_near_the_layer_it_replaces():
     assert error.max() < 0.08, error
 
 
+def test_q_k_v_as_one_fp8_layer_are_three_fp8_layers():
+    gen = torch.Generator().manual_seed(1)
+    linears = [torch.nn.Linear(64, n) for n in (48, 48, 32)]
+    x = torch.randn(2, 10, 64, generator=gen) * torch.logspace(-3, 3, 10)[None, :, None]
+    one, three = sf.Fp8Linear(*linears), [sf.Fp8Linear(linear) for linear in linears]
+    assert torch.equal(one.weight_fp8.float(), torch.cat([f.weight_fp8.float() for f in three]))   # per channel
+    assert torch.equal(one.weight_scale, torch.cat([f.weight_scale for f in three], dim=1))
+    outs = one(x)
+    assert [o.shape for o in outs] == [(2, 10, 48), (2, 10, 48), (2, 10, 32)]
+    for got, layer in zip(outs, three):
+        torch.testing.assert_close(got, layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", fused.MODES)
+def test_fp8_q_k_v_made_before_attention_are_what_the_layer_would_make(mode):
+    """The FP8 block's pre_attention hands self-attention (q, k, v) from one layer; the same attention with
+    q, k and v as three FP8 layers of its own, projecting its input, gives the same output."""
+    block = sf.build_model("tiny", torch.float32, "cpu", 0, mode=mode, fp8=True).blocks[0]
+    attention = block.self_attn
+    plain = sf.build_model("tiny", torch.float32, "cpu", 0, mode=mode).blocks[0].self_attn
+    plain.q, plain.k, plain.v = (sf.Fp8Linear(linear) for linear in (plain.q, plain.k, plain.v))
+    plain.o = attention.o
+    table = rope.RopeTable(attention.head_dim, 6, 2, 3)
+    layout = fused.ShardLayout(sp.SPMesh(1, 1, local=True), table, 3, 3)
+    h = torch.randn(1, layout.length, attention.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        q, k, v = block.fp8_qkv(h)
+        got = attention((q, k, v), layout, check=True)
+        torch.testing.assert_close(got, plain(h, layout, check=True), rtol=1e-5, atol=1e-5)
+
+
 def fp8_latents(mesh_shape, local=False):
     mesh = sp.SPMesh(1, 1, local=True) if local else sp.SPMesh.get(*mesh_shape)
     model = sf.build_model("tiny", torch.float32, "cpu", 3, fp8=True)
@@ -35,8 +70,10 @@ def fp8_latents(mesh_shape, local=False):
 def test_fp8_is_opt_in_and_n_ranks_equal_one_process():
     assert all(isinstance(m, torch.nn.Linear) for m in sf.build_model("tiny", torch.float32, "cpu", 0).blocks[0].ffn
                if not isinstance(m, torch.nn.GELU))
+    assert sf.build_model("tiny", torch.float32, "cpu", 0).blocks[0].fp8_qkv is None
     fp8 = sf.build_model("tiny", torch.float32, "cpu", 0, fp8=True)
-    assert isinstance(fp8.blocks[0].self_attn.q, sf.Fp8Linear) and isinstance(fp8.blocks[1].ffn[2], sf.Fp8Linear)
+    assert isinstance(fp8.blocks[0].fp8_qkv, sf.Fp8Linear) and not hasattr(fp8.blocks[0].self_attn, "q")
+    assert isinstance(fp8.blocks[0].self_attn.o, sf.Fp8Linear) and isinstance(fp8.blocks[1].ffn[2], sf.Fp8Linear)
     want = fp8_latents(None, local=True)
     for got in get_pool(4).run(fp8_latents, (2, 2)):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
