@@ -362,12 +362,11 @@ def commit_chunk(cache, mesh, chunk):
 
 
 def attend_heads(q_tm, kv, mesh, chunk, cache=None, attend=causal.fast_attention):
-    """q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D], then back to my token shard;
-    `attend` (as F.scaled_dot_product_attention) where no ring splits the keys."""
+    """q_tm [n_ring, B, Hu, D] attends to kv [cached + n_ring, 2, B, Hu, D], then back to my token shard."""
     length = chunk[1] - chunk[0]
     q = causal.heads_major(q_tm)
     if mesh.ring_degree == 1:
-        out = attend(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))
+        out = attend(q, causal.heads_major(kv[:, 0]), causal.heads_major(kv[:, 1]))   # as SDPA, [B, Hu, n, D]
     else:                           # every ring rank's K/V length: cached part (if any) + its chunk shard
         lengths = [b - a for a, b in (mesh.ring_shard(length, j) for j in range(mesh.ring_degree))]
         if cache is not None:

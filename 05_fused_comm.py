@@ -21,7 +21,7 @@ Shapes
                             Wan2.1's self_attn names, so stage 06 loads real checkpoints into it
 Uses
     01_rope: RopeTable, apply_rope, head_dim_problem, MAX_TIME_POSITIONS
-    02_causal_attention: KVCache
+    02_causal_attention: KVCache, fast_attention
     03_sequence_parallel: SPMesh, exchange_rows, seq_to_heads, attend_heads, sp_attention, commit_chunk,
         ring_shard_of, copy_rows_, gather_tokens, shard_bounds, mesh_shape, world, init_distributed,
         finish_distributed

@@ -27,7 +27,7 @@ The idea
     On a GPU every activation stays channels last (NDHWC), the layout cuDNN's kernels read, so no
     convolution transposes its input; each RMS norm + SiLU is one Triton pass written straight into the
     buffer its convolution reads, and each bias goes in with the residual in one more (PyTorch's own bias
-    pass is slow on this layout). One H200, bf16, a later chunk: 178.6 -> 108.0 ms (README).
+    pass is slow on this layout). One H200, bf16, a later chunk: 179.8 -> 107.9 ms (README).
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -185,10 +185,10 @@ def norm_silu_into(out, x, gamma):
         return out.copy_(F.silu(rms_norm(x, gamma)))
     x = x.contiguous(memory_format=torch.channels_last_3d)
     C2 = 1 << (C - 1).bit_length()
-    block, positions = max(1, 4096 // C2), B * T * h * W
+    block, positions = max(1, 2048 // C2), B * T * h * W
     gpu_kernels().norm_silu[(-(-positions // block),)](
         x, gamma, out, positions, T, h * W, out.stride(0), out.stride(2), C ** 0.5, 1e-24, C=C, C2=C2,
-        BLOCK=block, num_warps=4)
+        BLOCK=block, num_warps=2)
     return out
 
 
