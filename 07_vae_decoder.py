@@ -27,7 +27,7 @@ The idea
     On a GPU every activation stays channels last (NDHWC), the layout cuDNN's kernels read, so no
     convolution transposes its input; each RMS norm + SiLU is one Triton pass written straight into the
     buffer its convolution reads, and each bias goes in with the residual in one more (PyTorch's own bias
-    pass is slow on this layout). One H200, bf16, a later chunk: 179.8 -> 107.9 ms (README).
+    pass is slow on this layout). One H200, bf16, a later chunk: 179.8 -> 100.5 ms (README).
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -177,18 +177,19 @@ def rms_norm(x, gamma, eps=1e-12):
     return out.type_as(x) * gamma
 
 
-def norm_silu_into(out, x, gamma):
-    """out[...] = SiLU(rms_norm(x)): the norm written straight into (a view of) a convolution's input; on a
-    GPU in one pass (gpu_kernels), where out keeps each frame's rows contiguous, channels last."""
+def norm_silu_into(out, x, gamma, shift=None):
+    """out[...] = SiLU(rms_norm(x + shift)): the norm written straight into (a view of) a convolution's input
+    (shift: the bias of the convolution that made x); on a GPU in one pass (gpu_kernels)."""
     B, C, T, h, W = x.shape
     if not fast_on_gpu(x) or out.stride(1) != 1 or out.stride(3) != W * C or out.stride(4) != C:
+        x = x if shift is None else x + shift.view(-1, 1, 1, 1)
         return out.copy_(F.silu(rms_norm(x, gamma)))
     x = x.contiguous(memory_format=torch.channels_last_3d)
     C2 = 1 << (C - 1).bit_length()
     block, positions = max(1, 2048 // C2), B * T * h * W
     gpu_kernels().norm_silu[(-(-positions // block),)](
-        x, gamma, out, positions, T, h * W, out.stride(0), out.stride(2), C ** 0.5, 1e-24, C=C, C2=C2,
-        BLOCK=block, num_warps=2)
+        x, gamma, gamma if shift is None else shift, out, positions, T, h * W, out.stride(0), out.stride(2),
+        C ** 0.5, 1e-24, C=C, C2=C2, HAS_SHIFT=shift is not None, BLOCK=block, num_warps=2)
     return out
 
 
@@ -215,12 +216,15 @@ def gpu_kernels():
     import triton.language as tl
 
     @triton.jit
-    def norm_silu(x, gamma, out, positions, frames, frame, out_batch, out_frame, sqrt_c, eps2,
-                  C: tl.constexpr, C2: tl.constexpr, BLOCK: tl.constexpr):
+    def norm_silu(x, gamma, shift, out, positions, frames, frame, out_batch, out_frame, sqrt_c, eps2,
+                  C: tl.constexpr, C2: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
         p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)         # positions (b, t, y, x)
         c = tl.arange(0, C2)
         mask = (p < positions)[:, None] & (c < C)[None, :]
         v = tl.load(x + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:                                                         # rounded, as x + shift is
+            v = (v + tl.load(shift + c, mask=c < C, other=0.0).to(tl.float32)[None, :]).to(
+                x.dtype.element_ty).to(tl.float32)
         scale = tl.rsqrt(tl.maximum(tl.sum(v * v, axis=1), eps2))
         y = (v * scale[:, None] * sqrt_c).to(x.dtype.element_ty).to(tl.float32)      # rounded as rms_norm
         g = tl.load(gamma + c, mask=c < C, other=0.0).to(tl.float32)
@@ -247,20 +251,21 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
-    def forward(self, x, silu=False, out=None):
-        """The norm of x [B, C, T, H, W]; with silu, then SiLU, written into out."""
+    def forward(self, x, silu=False, out=None, shift=None):
+        """The norm of x [B, C, T, H, W]; with silu, of x + shift then SiLU, written into out."""
         gamma = self.gamma.view(-1, 1, 1, 1)
         if not silu:
             return rms_norm(x, gamma)
-        return norm_silu_into(out, x, gamma)
+        return norm_silu_into(out, x, gamma, shift)
 
 
 class CausalConv3d(nn.Conv3d):
     """A 3-D convolution, causal in time: its input is one buffer holding kt - 1 past frames (the time cache;
-    zeros before the first), then x, or SiLU(norm(x)) written there by `norm`, with kh // 2 neighbour rows
-    above and below where bands need them. The convolution pads the frame's edges with zeros itself."""
+    zeros before the first), then x, or SiLU(norm(x + shift)) written there by `norm`, with kh // 2
+    neighbour rows above and below where bands need them. The convolution pads the frame's edges itself.
+    Its bias goes in with `residual`, or with bias=False is left to the next norm (as its shift)."""
 
-    def forward(self, x, cache, bands, norm=None, residual=None):
+    def forward(self, x, cache, bands, norm=None, shift=None, residual=None, bias=True):
         kt, kh, kw = self.kernel_size
         past, rows = kt - 1, bands.halo_rows(kh // 2)
         padding = (0, kh // 2 - rows, kw // 2)
@@ -268,18 +273,21 @@ class CausalConv3d(nn.Conv3d):
         padded = channels_last_empty(B, C, past + T, h + 2 * rows, W, like=x)   # [B, C, past + T, h + 2r, W]
         inside = padded[:, :, past:, rows:rows + h]
         if norm is not None:
-            norm(x, silu=True, out=inside)
+            norm(x, silu=True, out=inside, shift=shift)
         elif past or rows:
             inside.copy_(x)
         else:
-            return add_bias(F.conv3d(x, self.weight, None, padding=padding), self.bias, residual)
+            return self.finish(F.conv3d(x, self.weight, None, padding=padding), residual, bias)
         if rows:
             bands.fill_halo(padded[:, :, past:], inside, rows)
         if past:
             kept = cache.get(self)
             padded[:, :, :past] = 0 if kept is None else kept
             cache[self] = padded[:, :, -past:].clone()          # the next call's past frames (halo included)
-        return add_bias(F.conv3d(padded, self.weight, None, padding=padding), self.bias, residual)
+        return self.finish(F.conv3d(padded, self.weight, None, padding=padding), residual, bias)
+
+    def finish(self, y, residual, bias):
+        return add_bias(y, self.bias, residual) if bias else y
 
 
 class ResidualBlock(nn.Module):
@@ -294,7 +302,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x, cache, bands):
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         shortcut = x if self.shortcut is None else self.shortcut(x, cache, bands)
-        return conv2(conv1(x, cache, bands, norm1), cache, bands, norm2, residual=shortcut)
+        h = conv1(x, cache, bands, norm1, bias=False)                 # its bias goes in as norm2 reads h
+        return conv2(h, cache, bands, norm2, shift=conv1.bias, residual=shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -317,6 +326,10 @@ class AttentionBlock(nn.Module):
         return x + F.conv3d(out, self.proj.weight[:, :, None], self.proj.bias)
 
 
+TAPS = (((1, 0, 0), (0, 1, 1), (0, 0, 0)),   # [phase a][tap before 2x: row i-1, i, i+1][conv tap]
+        ((0, 0, 0), (1, 1, 0), (0, 0, 1)))
+
+
 class Resample(nn.Module):
     """Up one level: 'upsample3d' doubles time (a causal time conv), then 2x nearest and a 3x3 conv
     C -> C/2."""
@@ -325,6 +338,7 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3))   # names: resample.1
+        self.made = None                                                # phases(): (key, weight, bias)
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
 
@@ -341,13 +355,24 @@ class Resample(nn.Module):
         rows = bands.halo_rows(1)
         if rows:
             x = bands.halo(x, rows)                                     # one neighbour row each side
-        B, C, T, h, W = x.shape                                         # 2x nearest, channels last
-        x = x.permute(0, 2, 3, 4, 1)[:, :, :, None, :, None].expand(B, T, h, 2, W, 2, C)
-        x = x.reshape(B, T, 2 * h, 2 * W, C).permute(0, 4, 1, 2, 3)
-        if rows:
-            x = x[:, :, :, 1:-1]                                        # one upsampled halo row each side
+        weight, bias = self.phases()
+        y = add_bias(F.conv3d(x, weight, None, padding=(0, 1 - rows, 1)), bias)   # [B, 4 * C/2, T, h, W]
+        B, C4, T, h, W = y.shape                                    # channels (a, b, c) -> (2i + a, 2j + b)
+        y = y.permute(0, 2, 3, 4, 1).reshape(B, T, h, W, 2, 2, C4 // 4).permute(0, 1, 2, 4, 3, 5, 6)
+        return y.reshape(B, T, 2 * h, 2 * W, C4 // 4).permute(0, 4, 1, 2, 3)
+
+    def phases(self):
+        """The 3x3 conv after 2x nearest as a 3x3 conv before it, an output channel per pixel phase (a, b):
+        output row 2i + a reads rows 2i + a - 1 .. 2i + a + 1 = earlier rows i - 1 + a .. i + a (TAPS)."""
         conv = self.resample[1]
-        return add_bias(F.conv3d(x, conv.weight[:, :, None], None, padding=(0, 1 - rows, 1)), conv.bias)
+        key = (conv.weight.data_ptr(), conv.weight._version, conv.weight.dtype)
+        if self.made is None or self.made[0] != key:
+            wide = torch.promote_types(conv.weight.dtype, torch.float32)
+            taps = torch.tensor(TAPS, dtype=wide, device=conv.weight.device)
+            weight = torch.einsum("aiy,bjx,ocyx->abocij", taps, taps, conv.weight.to(wide)).flatten(0, 2)
+            weight = weight[:, :, None].to(conv.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
+            self.made = (key, weight, conv.bias.repeat(4))                # [4 * C/2, C, 1, 3, 3], [4 * C/2]
+        return self.made[1:]
 
 
 class Decoder3d(nn.Module):

@@ -75,6 +75,21 @@ def test_first_latent_frame_gives_one_frame_and_every_later_gives_four():
     assert [decode_in_chunks(vae, latents(f, 1, 1, 0), [f]).shape[2] for f in (1, 2, 3, 21)] == [1, 5, 9, 81]
 
 
+@given(frames=st.integers(1, 3), rows=st.integers(1, 4), columns=st.integers(1, 5), seed=st.integers(0, 2**31))
+def test_the_upsampling_conv_equals_2x_nearest_then_its_3x3_conv(frames, rows, columns, seed):
+    """The resample conv runs on the grid before 2x, an output channel per pixel phase: it equals its
+    definition (Wan2.1's nn.Upsample, nearest, then nn.Conv2d)."""
+    torch.manual_seed(seed)
+    layer = dec.Resample(6, "upsample2d").double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 6, frames, rows, columns, dtype=torch.float64)
+    conv = layer.resample[1]
+    up = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    want = torch.nn.functional.conv3d(up, conv.weight[:, :, None], conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(layer(x, {}, dec.RowBands(rows)), want, rtol=0, atol=EXACT64)
+
+
 def run_sharded(frames, rows, columns, seed, sizes, broken=False):
     """On every rank: the video decoded chunk by chunk in bands of rows over all the job's ranks."""
     mesh = sp.SPMesh.get(sp.world()[0], 1)
