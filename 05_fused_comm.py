@@ -133,10 +133,11 @@ class CausalSelfAttention(nn.Module):
                  dim=self.dim, heads=self.num_heads, chunk_first=layout.chunk[0], chunk_end=layout.chunk[1])
 
     def forward(self, x, layout, cache=None, check=False):
-        # x [B, n, dim], or its projections (q, k, v) made already (stage 06's FP8 path: one GEMM)
         if check:
-            self.check_input(x if torch.is_tensor(x) else x[0], layout)
-        q, k, v = (self.q(x), self.k(x), self.v(x)) if torch.is_tensor(x) else x   # [B, n, dim] each
+            self.check_input(x, layout)
+        return self.attend_projections(self.q(x), self.k(x), self.v(x), layout, cache)   # [B, n, dim] each
+
+    def attend_projections(self, q, k, v, layout, cache=None):          # made already (06's FP8: one GEMM)
         if self.mode == "unfused":
             out = self.unfused_attention(q, k, v, layout, cache)
         else:

@@ -272,7 +272,10 @@ class Block(nn.Module):
     def forward(self, x, e, layout, cache, context_kv):
         pre_attention, post_attention = self.around_attention
         h = pre_attention(self, x, e, layout.frame_index)    # [B, n, dim], or FP8's (q, k, v)
-        y = self.self_attn(h, layout, cache)                  # writes the chunk's K/V to the cache slots
+        if self.fp8_qkv is None:                              # each writes the chunk's K/V to the cache slots
+            y = self.self_attn(h, layout, cache)
+        else:
+            y = self.self_attn.attend_projections(*h, layout, cache)
         return post_attention(self, x, y, e, layout.frame_index, context_kv)
 
 
@@ -706,11 +709,14 @@ def finish(timeout_s=120):
 
 # ----------------------------------------------------------------------------- weights
 
+ATTENTION_KERNELS = ("sdpa", "flash-attn-4")    # PyTorch's SDPA (cuDNN first), FlashAttention-4 (optional)
+
+
 def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False,
                 attention="sdpa"):
     """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
-    loaded strictly; fp8: use_fp8; attention: the self-attention kernel (ATTENTION_KERNELS). On a GPU the
-    code around attention runs compiled."""
+    loaded strictly; fp8: use_fp8; attention: the self-attention kernel, one of ATTENTION_KERNELS. On a GPU
+    the code around attention runs compiled."""
     torch.manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     model = CausalWanModel(PRESETS[preset], mode, on_gpu).to(dtype)   # load in the dtype asked for
@@ -719,8 +725,9 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
     if fp8:
         use_fp8(model, compile=on_gpu)
     if attention == "flash-attn-4":
+        attend = extras.flash_attention_4()
         for block in model.blocks:
-            block.self_attn.attend = extras.flash_attention_4()
+            block.self_attn.attend = attend
     return model.to(device).eval()
 
 
@@ -864,9 +871,9 @@ def parser(doc=__doc__, output="out/latents.pt"):
     how.add_argument("--fp8", action="store_true",
                      help="the DiT's linear layers in FP8 (e4m3, per-token and per-channel scales); its "
                           "speed and distance from bf16 in the README")
-    how.add_argument("--attention", choices=["sdpa", "flash-attn-4"], default="sdpa",
+    how.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                      help="the DiT's self-attention kernel: PyTorch's (cuDNN first), or FlashAttention-4 "
-                          "(optional package; a ring keeps PyTorch's)")
+                          "(optional package; the ring and the unfused mode keep PyTorch's)")
     how.add_argument("--allow-cpu", action="store_true",
                      help="run on the CPU even where that takes over 100x the tiny preset's default run")
     return p
@@ -947,9 +954,13 @@ def flag_problem(args):
         return "--wan-folder is read only with --prompt"
     if args.use_ema and not args.checkpoint:
         return "--use-ema picks the EMA weights of a --checkpoint: give one"
-    problem = (extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
-                                     getattr(args, "video", None))
-               or (args.attention == "flash-attn-4" and extras.flash_attention_4_problem()))
+    problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
+                                    getattr(args, "video", None))
+    if not problem and args.attention == "flash-attn-4":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        problem = ("--attention flash-attn-4 runs in --mode fused or overlap" if args.mode == "unfused" else
+                   extras.flash_attention_4_problem(chosen_dtype(args.dtype, device),
+                                                    PRESETS[args.preset].head_dim))
     if problem or torch.cuda.is_available():
         return problem
     if args.exchange == "symm":

@@ -19,11 +19,14 @@ def missing(packages):
     return [name for name in packages if importlib.util.find_spec(name) is None]
 
 
-def flash_attention_4_problem():
+def flash_attention_4_problem(dtype, head_dim):
     """What stops FlashAttention-4 (the flash-attn-4 package's CuTe kernels) here (a message), or None."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         return "--attention flash-attn-4 needs a Hopper or newer GPU (compute capability 9.0+)"
-    if missing(["flash_attn"]):
+    if dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or not 8 <= head_dim <= 128:
+        return (f"--attention flash-attn-4 runs bfloat16 or float16 heads of 8-128 channels (multiples of "
+                f"8), not {dtype} heads of {head_dim}")
+    if missing(["flash_attn"]) or missing(["flash_attn.cute"]):
         return "--attention flash-attn-4 needs the optional package flash-attn-4: pip install flash-attn-4"
     return None
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rank_pool import RankError, get_pool
-from support import files
+from support import extras, files
 
 sp = importlib.import_module("03_sequence_parallel")
 sf = importlib.import_module("06_self_forcing_pipeline")
@@ -43,13 +43,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--switch", "40"], "--switch 40 is past the video's last latent frame, 20"),
     (["--rebuild-sink"], "--rebuild-sink rebuilds the sink at a switch: it needs --sink-frames"),
     (["--prompt", "a fox", "--text-embedding", "t.pt"], "give --prompt or --text-embedding, not both"),
-    (["--attention", "flash-attn-4"], "--attention flash-attn-4 needs "),
+    (["--attention", "flash-attn-4", "--mode", "unfused"], "--attention flash-attn-4 runs in --mode fused"),
 ])
 def test_a_bad_flag_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         sf.parser().parse_args(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here a GPU may run it")
+@pytest.mark.parametrize("argv", [["--attention", "flash-attn-4"], ["--attention", "flash-attn-4", "--dtype",
+                                                                     "float32", "--preset", "wan-1.3b"]])
+def test_flash_attention_4_without_a_hopper_gpu_is_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        sf.parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--attention flash-attn-4 needs a Hopper" in err
+
+
+def test_flash_attention_4_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    assert "not torch.float32 heads of 128" in extras.flash_attention_4_problem(torch.float32, 128)
+    assert "not torch.bfloat16 heads of 12" in extras.flash_attention_4_problem(torch.bfloat16, 12)
+    problem = extras.flash_attention_4_problem(torch.bfloat16, 128)
+    assert problem is None or "pip install flash-attn-4" in problem
 
 
 def test_a_ring_that_does_not_fit_the_ranks_names_the_choices(capsys, monkeypatch):

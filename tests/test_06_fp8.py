@@ -57,7 +57,7 @@ def test_fp8_q_k_v_made_before_attention_are_what_the_layer_would_make(mode):
     h = torch.randn(1, layout.length, attention.dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         q, k, v = block.fp8_qkv(h)
-        got = attention((q, k, v), layout, check=True)
+        got = attention.attend_projections(q, k, v, layout)
         torch.testing.assert_close(got, plain(h, layout, check=True), rtol=1e-5, atol=1e-5)
 
 

@@ -103,6 +103,24 @@ def test_the_upsampling_conv_equals_2x_nearest_then_its_3x3_conv(frames, rows, c
     torch.testing.assert_close(layer(x, {}, dec.RowBands(rows)), want, rtol=0, atol=EXACT64)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton passes run on a GPU")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2**-7), (torch.float32, 1e-5)])
+def test_the_gpu_passes_equal_their_torch_formulas(dtype, tolerance):
+    """Norm + SiLU into a view of a padded buffer (with a shift), bias + residual: as on the CPU, to one
+    rounding of the output; nothing written outside the view."""
+    cl = torch.channels_last_3d
+    for C, rows in ((96, 0), (192, 1), (384, 1)):
+        x = (torch.randn(1, C, 3, 6, 10, device="cuda", dtype=dtype) * 3).contiguous(memory_format=cl)
+        gamma, shift = torch.rand(C, 1, 1, 1, device="cuda", dtype=dtype) + 0.5, torch.randn_like(x[0, :, 0, 0, 0])
+        buffer = torch.zeros(1, C, 5, 6 + 2 * rows, 10, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+        dec.norm_silu_into(buffer[:, :, 2:, rows:rows + 6], x, gamma, shift)
+        want = torch.nn.functional.silu(dec.rms_norm(x + shift.view(-1, 1, 1, 1), gamma))
+        torch.testing.assert_close(buffer[:, :, 2:, rows:rows + 6], want, rtol=tolerance, atol=tolerance)
+        assert buffer[:, :, :2].abs().max() == 0 and buffer[:, :, 2:, :rows].abs().sum() == 0
+        residual, bias = torch.randn_like(x), torch.randn_like(shift)
+        assert torch.equal(dec.add_bias(x.clone(), bias, residual), (x + bias.view(-1, 1, 1, 1)) + residual)
+
+
 def run_sharded(frames, rows, columns, seed, sizes, broken=False):
     """On every rank: the video decoded chunk by chunk in bands of rows over all the job's ranks."""
     mesh = sp.SPMesh.get(sp.world()[0], 1)

@@ -3,7 +3,9 @@
 Written from Wan2.1's definition (wan/modules/vae.py: CausalConv3d, RMS_norm, ResidualBlock, AttentionBlock,
 Resample, Decoder3d), not from stage 07's code: one process, the whole video at once, channels first, every
 causal convolution padded with zeros on the past side, the 2x upsampling done as nearest 2x then a 3x3
-convolution. It reads the weights by their checkpoint names.
+convolution. It reads the weights by their checkpoint names, and its widths and layer count from them and from the
+decoder's configuration; that those names and shapes are Wan2.1's own is tested apart (Wan2.1_VAE.pth's
+names load strictly, the release's parameter count).
 
 Wan2.1 decodes latent frame by latent frame with time caches; over a whole video that is one causal pass,
 except that 'upsample3d' keeps the video's first latent frame as one frame and runs its time convolution
