@@ -875,7 +875,7 @@ def parser(doc=__doc__, output="out/latents.pt"):
                      help="the DiT's self-attention kernel: PyTorch's (cuDNN first), or FlashAttention-4 "
                           "(optional package; the ring and the unfused mode keep PyTorch's)")
     how.add_argument("--allow-cpu", action="store_true",
-                     help="run on the CPU even where that takes over 100x the tiny preset's default run")
+                     help="run on the CPU even a real preset, or a tiny run estimated at over 10 minutes")
     return p
 
 

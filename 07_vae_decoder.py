@@ -27,7 +27,8 @@ The idea
     On a GPU every activation stays channels last (NDHWC), the layout cuDNN's kernels read; each RMS norm +
     SiLU is one Triton pass written into the buffer its convolution reads, taking the bias of the conv
     before it; other biases go in with the residual in one pass; the 2x upsampling's conv runs on the grid
-    before 2x (Resample.phases). One H200, bf16, a later chunk: 179.8 -> 107.9 -> 100.5 ms (README).
+    before 2x (Resample.phases). One H200, bf16, a later chunk: 179.8 -> 107.9 ms, then 107.2 -> 100.5
+    ms in a second call (README).
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -181,8 +182,7 @@ def rms_norm(x, gamma, eps=EPS):
 
 
 def norm_silu_into(out, x, gamma, shift=None):
-    """out[...] = SiLU(rms_norm(x + shift)): the norm written straight into (a view of) a convolution's input
-    (shift: the bias of the convolution that made x); on a GPU in one pass (gpu_kernels)."""
+    """out[...] = SiLU(rms_norm(x + shift)), out a view of a conv's input; on a GPU one pass (gpu_kernels)."""
     B, C, T, h, W = x.shape
     if not fast_on_gpu(x) or out.stride(1) != 1 or out.stride(3) != W * C or out.stride(4) != C:
         x = x if shift is None else x + shift.view(-1, 1, 1, 1)
