@@ -610,12 +610,13 @@ def switch_frames_problem(starts, chunk_frames):
 
 
 def parameter_fingerprint(model):
-    """A number that differs when ranks hold different weights (the float64 sum's bits), kept until a
-    parameter's version counter moves."""
-    versions = [(id(p), p._version) for p in model.parameters()]
+    """A number that differs when ranks hold different weights (the float64 sum's bits; buffers too: FP8
+    weights are buffers), kept until a tensor's version counter moves."""
+    tensors = [*model.parameters(), *model.buffers()]
+    versions = [(id(p), p._version) for p in tensors]
     kept = getattr(model, "_fingerprint", None)
     if kept is None or kept[0] != versions:
-        total = sum(p.detach().double().sum() for p in model.parameters()).item()
+        total = sum(p.detach().double().sum() for p in tensors).item()
         model._fingerprint = (versions, struct.unpack("<q", struct.pack("<d", total))[0])
     return model._fingerprint[1]
 

@@ -179,7 +179,9 @@ def disagreeing_run(what):
     frames = 9 if what == "frames" and rank == 1 else 6
     seed = 5 if what == "weights" and rank == 2 else 0
     mesh_shape = (4, 1) if what == "heads" else (2, 2)
-    model = sf.build_model("tiny", torch.float32, "cpu", seed)
+    model = sf.build_model("tiny", torch.float32, "cpu", seed, fp8=what == "fp8 weights")
+    if what == "fp8 weights" and rank == 2:                   # FP8 weights are buffers, not parameters
+        model.blocks[0].fp8_qkv.weight_fp8[0, 0] = 1.0
     text = load_text(None, model.config, 1, 0)
     width = 40 if what == "width" and rank == 3 else 32
     sf.generate(model, text, sf.VideoSpec(frames, 32, width), sp.SPMesh.get(*mesh_shape))
@@ -188,6 +190,7 @@ def disagreeing_run(what):
 @pytest.mark.parametrize("what, message", [
     ("frames", r"ranks disagree on frames: \[6, 9, 6, 6\]"),
     ("weights", r"ranks disagree on weights"),
+    ("fp8 weights", r"ranks disagree on weights"),
     ("width", r"rank 3: width=40 must be a multiple of 16"),
 ])
 def test_bad_or_disagreeing_configuration_raises_on_every_rank(what, message):
