@@ -958,10 +958,8 @@ def flag_problem(args):
     problem = extras.extras_problem(args.prompt, args.wan_folder, args.text_embedding,
                                     getattr(args, "video", None))
     if not problem and args.attention == "flash-attn-4":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         problem = ("--attention flash-attn-4 runs in --mode fused or overlap" if args.mode == "unfused" else
-                   extras.flash_attention_4_problem(chosen_dtype(args.dtype, device),
-                                                    PRESETS[args.preset].head_dim))
+                   extras.flash_attention_4_problem(chosen_dtype(args.dtype), PRESETS[args.preset].head_dim))
     if problem or torch.cuda.is_available():
         return problem
     if args.exchange == "symm":
@@ -1016,9 +1014,11 @@ def set_up(args, name, needs_gpus=None):
     return Run(name, args, video_spec(args), device, mesh, chosen_dtype(args.dtype, device), options)
 
 
-def chosen_dtype(name, device):
-    """A --dtype flag's torch dtype; unset, bfloat16 on GPU and float32 on CPU."""
-    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
+def chosen_dtype(name, device=None):
+    """A --dtype flag's torch dtype; unset, bfloat16 on GPU and float32 on CPU (device None, before set-up:
+    a GPU where this machine has one)."""
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return getattr(torch, name or ("bfloat16" if on_gpu else "float32"))
 
 
 def read_inputs(run, *more, outputs=("output",)):

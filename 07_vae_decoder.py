@@ -534,8 +534,7 @@ def flag_problem(args):
                 f"cannot feed {world_size} ranks (a height of at least {8 * world_size} pixels can)")
     if args.video and not args.video.lower().endswith(".mp4"):
         return f"--video {args.video}: give a file name ending in .mp4 (a fragmented H.264 MP4 is written)"
-    pixel_bytes = 1 + sf.chosen_dtype(args.decoder_dtype, torch.device("cuda" if torch.cuda.is_available()
-                                                                       else "cpu")).itemsize
+    pixel_bytes = 1 + sf.chosen_dtype(args.decoder_dtype).itemsize
     return sf.output_problem(args, 4 * 3 * video.height * video.width * pixel_bytes / 2**30)  # then 8-bit
 
 
