@@ -11,6 +11,8 @@ The idea
     * 2-D mesh: world = ulysses_degree x ring_degree. Wan-1.3B's 12 heads cannot use Ulysses alone on 8 ranks;
       Ulysses 4 x ring 2 can. Rank r = ring_rank * U + ulysses_rank: a Ulysses group is U consecutive ranks
       whose shards form one contiguous "ring shard" of the chunk.
+    * Keys split on one GPU: a chunk's few queries over a long cache give too few thread blocks to fill
+      the GPU's last wave; cut into runs of keys, run as one batch, the runs merge as the ring's blocks do.
     Within a chunk every query sees every visible key (stage 02's mask is all-ones there), so no mask is
     needed, and uneven shards use uneven all-to-all splits, not padding. Bad configurations (heads not
     divisible by U, U x R != world, ranks disagreeing on shapes) raise the same ValueError on every rank
@@ -276,12 +278,23 @@ class SymmetricExchange:
 def attention_with_lse(q, k, v):
     """Unmasked attention and its log-sum-exp [B, H, Nq] (float32 or wider), for merging partial results."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
-        return out, lse
+        if cudnn_takes(q, k, v):                 # cuDNN's kernel where it takes them, else flash
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        return out, lse.view(out.shape[:-1])
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) / q.shape[-1] ** 0.5
     lse = scores.logsumexp(dim=-1)
     return ((scores - lse[..., None]).exp() @ v.to(compute)).to(q.dtype), lse
+
+
+def cudnn_takes(q, k, v):            # whether PyTorch's cuDNN attention runs these (host side: graph-safe)
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        return torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params)
+    except (AttributeError, TypeError, RuntimeError):              # an older PyTorch
+        return False
 
 
 def merge_partial(out, lse, block_out, block_lse):
@@ -315,6 +328,35 @@ def ring_attention(q, kv, mesh, kv_lengths):
             req.wait()
         block = incoming
     return out.to(q.dtype)
+
+
+def split_key_attention(q, k, v, parts, attend=attention_with_lse, merge=None):
+    """q [B, H, Nq, D] attends to k, v [B, H, Nk, D] cut into `parts` equal runs of keys, run as one batch
+    and merged by log-sum-exp as the ring's blocks are. merge: merge_parts, or a compiled copy of it."""
+    if parts == 1:
+        return attend(q, k, v)[0]
+    B, H, Nq, D = q.shape
+    runs = lambda t: t.unflatten(2, (parts, -1)).movedim(2, 0).flatten(0, 1)    # [parts * B, H, Nk/parts, D]
+    out, lse = attend(q.expand(parts, *q.shape).flatten(0, 1), runs(k), runs(v))  # q: a view, no copy
+    return (merge or merge_parts)(out.unflatten(0, (parts, B)), lse.unflatten(0, (parts, B)))
+
+
+def merge_parts(out, lse):
+    """out [parts, B, H, Nq, D], lse [parts, B, H, Nq] -> the merged attention [B, H, Nq, D]."""
+    merged, merged_lse = None, None
+    for part in range(out.shape[0]):
+        merged, merged_lse = merge_partial(merged, merged_lse, out[part], lse[part])
+    return merged.to(out.dtype)
+
+
+def key_parts(tiles, keys, processors, tile_keys=128, most=8):
+    """Runs to cut `keys` into so that `tiles` thread blocks (batch x heads x query tiles) per run fill
+    `processors` best: the fewest parts within 5% of the best."""
+    # a last, partly filled wave of blocks costs a whole one; runs of equal length, >= 8 key tiles each
+    fill = lambda p: p * tiles / (processors * -(-p * tiles // processors))
+    fits = [p for p in range(1, most + 1) if keys % p == 0 and keys // p >= 8 * tile_keys]
+    best = max((fill(p) for p in fits), default=1.0)
+    return min((p for p in fits if fill(p) >= best - 0.05), default=1)
 
 
 # ----------------------------------------------------------------------------- the SP attention layer

@@ -94,7 +94,7 @@ def main(argv=None):
     run = sf.set_up(parser().parse_args(argv), "bench_06", needs_gpus="bench_06.py")
     a, video, device = run.args, run.video, run.device
     model = sf.build_model(a.preset, run.dtype, device, a.seed, mode=a.mode, fp8=a.fp8,
-                           attention=a.attention)
+                           attention=a.attention, key_parts=a.key_parts)
     text = load_text(None, model.config, 1, a.seed).to(device)     # as a GPU text encoder would hand it over
     videos = lambda: sf.stream(model, text, video, run.mesh, a.seed, run.options)
     warmup_s, first_s, total_s = time_videos(videos, device, a.warmup_videos, a.video_repeats)

@@ -33,7 +33,7 @@ def main(argv=None):
     run = sf.set_up(p.parse_args(argv), "bench_07", needs_gpus="bench_07.py")
     a, video, device, mesh = run.args, run.video, run.device, run.mesh
     model = sf.build_model(a.preset, run.dtype, device, a.seed, mode=a.mode, fp8=a.fp8,
-                           attention=a.attention)
+                           attention=a.attention, key_parts=a.key_parts)
     text = load_text(None, model.config, 1, a.seed).to(device)
     vae = dec.build_job_decoder(run)
     bands = dec.RowBands.for_job(video.latent_height, mesh)

@@ -32,12 +32,13 @@ def flash_attention_4_problem(dtype, head_dim):
 
 
 def flash_attention_4():
-    """FlashAttention-4's forward as attend(q, k, v) on [B, H, S, D], as F.scaled_dot_product_attention."""
+    """FlashAttention-4's forward as attend(q, k, v) -> (out, log-sum-exp) on [B, H, S, D] and [B, H, S]."""
     from flash_attn.cute import flash_attn_func
 
     def attend(q, k, v):
-        out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))   # [B, S, H, D]
-        return out.transpose(1, 2)
+        out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # [B, S, H, D]
+                                   return_lse=True)
+        return out.transpose(1, 2), lse
     return attend
 
 
