@@ -277,11 +277,9 @@ class SymmetricExchange:
 
 def attention_with_lse(q, k, v):
     """Unmasked attention and its log-sum-exp [B, H, Nq] (float32 or wider), for merging partial results."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if cudnn_takes(q, k, v):                 # cuDNN's kernel where it takes them, else flash
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    kernel = lse_kernel(q, k, v)
+    if kernel is not None:
+        out, lse = kernel(q, k, v)[:2]
         return out, lse.view(out.shape[:-1])
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) / q.shape[-1] ** 0.5
@@ -289,12 +287,21 @@ def attention_with_lse(q, k, v):
     return ((scores - lse[..., None]).exp() @ v.to(compute)).to(q.dtype), lse
 
 
-def cudnn_takes(q, k, v):            # whether PyTorch's cuDNN attention runs these (host side: graph-safe)
+def lse_kernel(q, k, v):
+    """PyTorch's fused GPU kernel giving a log-sum-exp for these operands (cuDNN's first), else None."""
+    # None on the CPU, in float32, for a head size they refuse; host-side checks: graph capture sees the same
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    cuda = torch.backends.cuda
     try:
-        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
-        return torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params)
-    except (AttributeError, TypeError, RuntimeError):              # an older PyTorch
-        return False
+        params = cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        if cuda.cudnn_sdp_enabled() and cuda.can_use_cudnn_attention(params):
+            return lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+        if cuda.flash_sdp_enabled() and cuda.can_use_flash_attention(params):
+            return torch.ops.aten._scaled_dot_product_flash_attention
+    except (AttributeError, TypeError, RuntimeError):                  # a PyTorch without these checks
+        pass
+    return None
 
 
 def merge_partial(out, lse, block_out, block_lse):
@@ -335,9 +342,9 @@ def split_key_attention(q, k, v, parts, attend=attention_with_lse, merge=None):
     and merged by log-sum-exp as the ring's blocks are. merge: merge_parts, or a compiled copy of it."""
     if parts == 1:
         return attend(q, k, v)[0]
-    B, H, Nq, D = q.shape
+    B = q.shape[0]
     runs = lambda t: t.unflatten(2, (parts, -1)).movedim(2, 0).flatten(0, 1)    # [parts * B, H, Nk/parts, D]
-    out, lse = attend(q.expand(parts, *q.shape).flatten(0, 1), runs(k), runs(v))  # q: a view, no copy
+    out, lse = attend(q.expand(parts, *q.shape).flatten(0, 1), runs(k), runs(v))  # views when B is 1
     return (merge or merge_parts)(out.unflatten(0, (parts, B)), lse.unflatten(0, (parts, B)))
 
 
@@ -349,12 +356,12 @@ def merge_parts(out, lse):
     return merged.to(out.dtype)
 
 
-def key_parts(tiles, keys, processors, tile_keys=128, most=8):
+def key_parts(tiles, keys, processors, most, tile_keys=128):
     """Runs to cut `keys` into so that `tiles` thread blocks (batch x heads x query tiles) per run fill
     `processors` best: the fewest parts within 5% of the best."""
     # a last, partly filled wave of blocks costs a whole one; runs of equal length, >= 8 key tiles each
     fill = lambda p: p * tiles / (processors * -(-p * tiles // processors))
-    fits = [p for p in range(1, most + 1) if keys % p == 0 and keys // p >= 8 * tile_keys]
+    fits = [p for p in range(1, min(most, keys // (8 * tile_keys)) + 1) if keys % p == 0]
     best = max((fill(p) for p in fits), default=1.0)
     return min((p for p in fits if fill(p) >= best - 0.05), default=1)
 

@@ -43,8 +43,8 @@ Uses
     01_rope: RopeTable, MAX_TIME_POSITIONS
     02_causal_attention: KVCache, spell_setting, window_problem, fast_attention
     03_sequence_parallel: commit_chunk, gather_tokens, ring_shard_of, world, finish_distributed, SPMesh,
-        init_distributed, mesh_shape, factorizations, attention_with_lse, split_key_attention, key_parts,
-        merge_parts
+        init_distributed, mesh_shape, factorizations, attention_with_lse, lse_kernel, split_key_attention,
+        key_parts, merge_parts
     05_fused_comm: CausalSelfAttention, ShardLayout, RMSNorm, rms_norm, compiled, MODES
 
 Run
@@ -712,10 +712,11 @@ def finish(timeout_s=120):
 # ----------------------------------------------------------------------------- weights
 
 ATTENTION_KERNELS = ("sdpa", "flash-attn-4")    # PyTorch's SDPA (cuDNN first), FlashAttention-4 (optional)
+KEY_PARTS = 2                                   # the most runs of keys self-attention is cut into (measured)
 
 
 def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mode="fused", fp8=False,
-                attention="sdpa", key_parts=8):
+                attention="sdpa", key_parts=KEY_PARTS):
     """A PRESETS model with stage 05's attention `mode`: random weights from `seed`, or a checkpoint's,
     loaded strictly; fp8: use_fp8; attention, key_parts: self_attention_kernel's. On a GPU the code around
     attention runs compiled."""
@@ -733,20 +734,21 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
     return model.to(device).eval()
 
 
-def self_attention_kernel(attention, device, key_parts=8):
+def self_attention_kernel(attention, device, key_parts=KEY_PARTS):
     """The blocks' self-attention on a GPU, attend(q, k, v) on [B, H, S, D]: `attention`'s kernel (one of
     ATTENTION_KERNELS) with the keys cut into at most `key_parts` runs, run as one batch and merged (stage
-    03's split_key_attention), as many as fill the GPU best: a chunk's 4680 queries make 444 blocks of
-    work, 3.4 waves on an H200's 132 processors, the last one 36% full. Half precision only."""
+    03's split_key_attention), the fewest that fill the GPU within 5% of the best (key_parts)."""
+    # in a model of 128-query tiles, one per processor at a time, a chunk's 4680 queries x 12 heads make
+    # 444 tiles: 3.4 waves on an H200's 132 processors, the last one 36% full; two runs, 6.7 waves
     with_lse = extras.flash_attention_4() if attention == "flash-attn-4" else sp.attention_with_lse
     processors = torch.cuda.get_device_properties(device).multi_processor_count
     merge = fused.compiled(sp.merge_parts)
 
     def attend(q, k, v):
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return causal.fast_attention(q, k, v)
+        if attention != "flash-attn-4" and sp.lse_kernel(q, k, v) is None:
+            return causal.fast_attention(q, k, v)        # no fused kernel gives a log-sum-exp here: SDPA's
         B, H, queries, _ = q.shape
-        parts = sp.key_parts(B * H * -(-queries // 128), k.shape[2], processors, most=key_parts)
+        parts = sp.key_parts(B * H * -(-queries // 128), k.shape[2], processors, key_parts)
         return sp.split_key_attention(q, k, v, parts, with_lse, merge)
     return attend
 
@@ -894,9 +896,10 @@ def parser(doc=__doc__, output="out/latents.pt"):
     how.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                      help="the DiT's self-attention kernel: PyTorch's (cuDNN first), or FlashAttention-4 "
                           "(optional package; the ring and the unfused mode keep PyTorch's)")
-    how.add_argument("--key-parts", type=positive, default=8,
+    how.add_argument("--key-parts", type=positive, default=KEY_PARTS,
                      help="GPU: self-attention's keys cut into at most this many runs, run as one batch "
-                          "where that fills the GPU better (1: one kernel call)")
+                          "where that fills the GPU better (1: one call of a kernel giving its "
+                          "log-sum-exp)")
     how.add_argument("--allow-cpu", action="store_true",
                      help="run on the CPU even a real preset, or a tiny run estimated at over 10 minutes")
     return p

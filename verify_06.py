@@ -36,7 +36,7 @@ def parser():
 def main(argv=None):
     run = sf.set_up(parser().parse_args(argv), "verify_06", needs_gpus="verify_06.py")
     a, mesh, video, device = run.args, run.mesh, run.video, run.device
-    bf16, f32 = (sf.build_model(a.preset, d, device, a.seed, mode=a.mode)
+    bf16, f32 = (sf.build_model(a.preset, d, device, a.seed, mode=a.mode, key_parts=a.key_parts)
                  for d in (torch.bfloat16, torch.float32))
     text = load_text(a.text_embedding, bf16.config, 1, a.seed)
     latents = lambda model, on, graphs: sf.generate(model, text, video, on, a.seed,

@@ -145,15 +145,18 @@ def test_keys_split_into_runs_give_the_same_attention(batch, heads, queries, run
 
 @given(tiles=st.integers(1, 2000), keys=st.integers(1, 40000), processors=st.integers(1, 200),
        most=st.integers(1, 8))
-def test_key_parts_cut_whole_runs_and_never_fill_worse(tiles, keys, processors, most):
-    parts = sp.key_parts(tiles, keys, processors, most=most)
-    fill = lambda p: p * tiles / (processors * -(-p * tiles // processors))
+def test_key_parts_cut_equal_runs_and_fill_better(tiles, keys, processors, most):
+    parts = sp.key_parts(tiles, keys, processors, most)
+    waves = lambda p: -(-p * tiles // processors)                 # a partly filled wave costs a whole one
     assert 1 <= parts <= most and keys % parts == 0
-    assert parts == 1 or (keys // parts >= 8 * 128 and fill(parts) > fill(1))
+    assert parts == 1 or (keys // parts >= 8 * 128 and parts / waves(parts) > 1 / waves(1))
 
 
 def test_key_parts_at_the_dit_shapes():
-    """12 heads x 37 tiles of a chunk's 4680 queries on an H200's 132 processors: two runs, 3.4 -> 6.7 waves."""
-    assert [sp.key_parts(12 * 37, 4680 * c, 132) for c in (1, 4, 7)] == [2, 2, 2]
-    assert sp.key_parts(12 * 37, 1000, 132) == 1                        # runs too short to pay
-    assert sp.key_parts(12 * 37, 32760, 132, most=1) == 1
+    """12 heads x 37 tiles of a chunk's 4680 queries on an H200's 132 processors: two runs, 3.4 -> 6.7
+    waves."""
+    assert [sp.key_parts(12 * 37, 4680 * c, 132, 8) for c in (1, 4, 7)] == [2, 2, 2]
+    assert sp.key_parts(12 * 37, 1000, 132, 8) == 1                     # runs too short to pay
+    assert sp.key_parts(12 * 37, 32760, 132, 1) == 1
+    assert sp.key_parts(132, 32768, 132, 8) == 1                        # one full wave: nothing to fill
+    assert sp.key_parts(132 + 1, 32768, 132, 2) == 2                    # 2 waves, 1 tile in the last: 3 waves
