@@ -46,7 +46,8 @@ def axis_pairs(head_dim):
 
 
 def axis_angles(positions, num_pairs, theta=THETA):
-    inv_freq = 1.0 / theta ** (torch.arange(0, 2 * num_pairs, 2, dtype=torch.float64) / (2 * num_pairs))
+    steps = torch.arange(0, 2 * num_pairs, 2, dtype=torch.float64, device=positions.device)
+    inv_freq = 1.0 / theta ** (steps / (2 * num_pairs))                # on positions' device: no copy
     return torch.outer(positions.to(torch.float64), inv_freq)          # [len(positions), num_pairs], float64
 
 
@@ -95,7 +96,8 @@ def check_time_range(start_frame, num_frames):
 def rotate_time(x, frames, theta=THETA):
     """x [..., head_dim] rotated at time f -> at f + frames (only the time pairs turn); float32 or wider."""
     t_pairs = axis_pairs(x.shape[-1])[0]
-    angles = axis_angles(torch.tensor([frames]), t_pairs, theta)[0].to(x.device)       # [t_pairs]
+    at = torch.full((1,), frames, dtype=torch.float64, device=x.device)     # made there: a copy from the
+    angles = axis_angles(at, t_pairs, theta)[0]                              # host would wait for the GPU
     compute = torch.promote_types(x.dtype, torch.float32)
     real, imag = x[..., :2 * t_pairs].to(compute).unflatten(-1, (-1, 2)).unbind(-1)  # each [..., t_pairs]
     cos, sin = angles.cos().to(compute), angles.sin().to(compute)
@@ -121,8 +123,9 @@ class RopeTable:
         """cos, sin [end - first, t_pairs] of time positions first..end-1, made past the table's rows."""
         if end_frame <= self.frames:
             return self.time_cos[first_frame:end_frame], self.time_sin[first_frame:end_frame]
-        angles = axis_angles(torch.arange(first_frame, end_frame), self.time_cos.shape[1], self.theta)
-        return (f(angles).to(device=self.device, dtype=self.dtype) for f in (torch.cos, torch.sin))
+        at = torch.arange(first_frame, end_frame, device=self.device)          # made there, as rotate_time's
+        angles = axis_angles(at, self.time_cos.shape[1], self.theta)
+        return (f(angles).to(self.dtype) for f in (torch.cos, torch.sin))
 
     def rows(self, first_token, end_token):
         """(cos, sin) [end - first, head_dim / 2] of global tokens first_token..end_token-1."""

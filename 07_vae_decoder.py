@@ -369,10 +369,16 @@ class Resample(nn.Module):
         output row 2i + a reads rows 2i + a - 1 .. 2i + a + 1 = earlier rows i - 1 + a .. i + a (TAPS)."""
         conv = self.resample[1]
         wide = torch.promote_types(conv.weight.dtype, torch.float32)
-        taps = torch.tensor(TAPS, dtype=wide, device=conv.weight.device)
+        taps = phase_taps(wide, conv.weight.device)
         weight = torch.einsum("aiy,bjx,ocyx->abocij", taps, taps, conv.weight.to(wide)).flatten(0, 2)
         weight = weight[:, :, None].to(conv.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
         return weight, conv.bias.repeat(4)                              # [4 * C/2, C, 1, 3, 3], [4 * C/2]
+
+
+@functools.lru_cache(maxsize=None)
+def phase_taps(dtype, device):
+    """TAPS as a tensor on `device`, made once: a copy from the host would wait for the GPU every chunk."""
+    return torch.tensor(TAPS, dtype=dtype, device=device)
 
 
 class Decoder3d(nn.Module):

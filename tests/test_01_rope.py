@@ -150,3 +150,17 @@ def test_check_fails_loudly():
         check("x", torch.ones(3), torch.zeros(3), 1e-3)
     with pytest.raises(AssertionError):
         check("nan", torch.tensor([float("nan")]), torch.zeros(1), 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host wait exists only with a GPU")
+def test_rows_past_the_table_and_sink_moves_never_wait_for_the_gpu():
+    """What a long stream does every chunk (time rows past the table, the sink's keys turned) makes no
+    blocking copy from the host."""
+    table = rope.RopeTable(12, 4, 2, 3, device="cuda")
+    keys = torch.randn(10, 1, 2, 12, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        table.time_rows(6, 9)
+        rope.rotate_time(keys, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -121,6 +121,20 @@ def test_the_gpu_passes_equal_their_torch_formulas(dtype, tolerance):
         assert torch.equal(dec.add_bias(x.clone(), bias, residual), (x + bias.view(-1, 1, 1, 1)) + residual)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host wait exists only with a GPU")
+def test_a_later_chunk_never_waits_for_the_gpu():
+    """Decoding a chunk after the first makes no blocking copy or sync (one would stall the host, and
+    the pipeline behind it, every chunk); a copy of host data fails here."""
+    vae, bands = dec.build_decoder("tiny", torch.bfloat16, "cuda", 0), dec.RowBands(4)
+    decoder, z = dec.FrameDecoder(vae, bands), torch.randn(1, 16, 6, 4, 6, device="cuda")
+    decoder(z[:, :, :3])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decoder(z[:, :, 3:])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def run_sharded(frames, rows, columns, seed, sizes, broken=False):
     """On every rank: the video decoded chunk by chunk in bands of rows over all the job's ranks."""
     mesh = sp.SPMesh.get(sp.world()[0], 1)
