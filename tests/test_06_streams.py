@@ -181,3 +181,22 @@ def test_the_warm_up_sees_every_cache_length_of_a_stream_of_any_length(window, s
     assert warm.frames <= window + 2 and warm.cache_plan == video.cache_plan
     assert cache_keys(video, [30, 61, 90]) == cache_keys(warm)
     assert cache_keys(video) != cache_keys(dataclasses.replace(warm, frames=warm.frames - 3))   # no shorter one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host wait exists only with a GPU")
+def test_a_long_stream_never_waits_for_the_gpu_between_chunks():
+    """Once its shapes repeat (window full, sink moving, time rows past the table), a stream queues each
+    chunk's work without waiting for the GPU: a blocking copy or sync between hand-outs fails here."""
+    model = sf.build_model("tiny", torch.float32, "cuda", 0)
+    model.config = dataclasses.replace(model.config, rope_frames=6)
+    text = load_text(None, model.config, 1, 0).cuda()
+    video = sf.VideoSpec(30, 16, 16, window_frames=9, sink_frames=3)
+    chunks = sf.stream(model, text, video, sp.SPMesh(1, 1, local=True), 0, sf.RunOptions(graphs=False))
+    for _ in range(5):                                   # compiled code made, every cache length seen
+        next(chunks)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in chunks:
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
