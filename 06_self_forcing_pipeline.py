@@ -734,6 +734,13 @@ def build_model(preset, dtype, device, seed, checkpoint=None, use_ema=False, mod
     return model.to(device).eval()
 
 
+def build_job_model(run):
+    """The DiT the flags ask for (build_model with the run's dtype and device)."""
+    a = run.args
+    return build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8,
+                       a.attention, a.key_parts)
+
+
 def self_attention_kernel(attention, device, key_parts=KEY_PARTS):
     """The blocks' self-attention on a GPU, attend(q, k, v) on [B, H, S, D]: `attention`'s kernel (one of
     ATTENTION_KERNELS) with the keys cut into at most `key_parts` runs, run as one batch and merged (stage
@@ -1056,8 +1063,7 @@ def read_inputs(run, *more, outputs=("output",)):
                  if getattr(a, flag, None) not in (None, "none")]
         problem = next(filter(None, (files.output_problem(path, flag) for flag, path in paths)), None)
     try:
-        model = build_model(a.preset, run.dtype, run.device, a.seed, a.checkpoint, a.use_ema, a.mode, a.fp8,
-                            a.attention, a.key_parts)
+        model = build_job_model(run)
         load = lambda path, i, flag: weights.load_text(path, model.config, 1, a.seed + i, flag)
         built[0], built[1] = model, [(0, load(a.text_embedding, 0, "--text-embedding "))] + [
             (frame, None if a.prompt else load(value, i, f"--switch {frame}="))

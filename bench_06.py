@@ -1,10 +1,11 @@
-"""Times stage 06 at a preset's full shapes, random weights: a chunk forward, the first chunk, the whole
-video (and with the host waiting for every chunk); --profile: host vs kernel time per forward (rank 0).
+"""Times stage 06 at a preset's full shapes, random weights (or --checkpoint): a chunk forward, the first
+chunk, the whole video (and with the host waiting for every chunk); --profile: host vs kernel time per
+forward (rank 0).
 Compilation and graph capture happen in untimed warm-up videos first. Every rank runs, rank 0 prints.
 
 Uses
     05_fused_comm: ShardLayout
-    06_self_forcing_pipeline: parser, set_up, build_model, stream, time_stream, attention_backends,
+    06_self_forcing_pipeline: parser, set_up, build_job_model, stream, time_stream, attention_backends,
         video_rope_table, chunk_forward, forward_flops, video_flops, exchange_name, finish
 
 Run
@@ -93,8 +94,7 @@ def report_profile(label, profile, mesh, folder):
 def main(argv=None):
     run = sf.set_up(parser().parse_args(argv), "bench_06", needs_gpus="bench_06.py")
     a, video, device = run.args, run.video, run.device
-    model = sf.build_model(a.preset, run.dtype, device, a.seed, mode=a.mode, fp8=a.fp8,
-                           attention=a.attention, key_parts=a.key_parts)
+    model = sf.build_job_model(run)
     text = load_text(None, model.config, 1, a.seed).to(device)     # as a GPU text encoder would hand it over
     videos = lambda: sf.stream(model, text, video, run.mesh, a.seed, run.options)
     warmup_s, first_s, total_s = time_videos(videos, device, a.warmup_videos, a.video_repeats)

@@ -1,10 +1,10 @@
-"""Times stage 07 at a preset's full shapes, random weights (or --vae): decoding a chunk (the first, its
-first latent frame alone, a later one), the first decoded frame from the call and the whole video end to
-end, with and without the decode overlapped on its own CUDA stream; the decoder's pixels against
-float32's; diffusers' AutoencoderKLWan on the same latents where diffusers is installed.
+"""Times stage 07 at a preset's full shapes, random weights (or --checkpoint, --vae): decoding a chunk (the
+first, its first latent frame alone, a later one), the first decoded frame from the call and the whole
+video end to end, with and without the decode overlapped on its own CUDA stream; the decoder's pixels
+against float32's; diffusers' AutoencoderKLWan on the same latents where diffusers is installed.
 
 Uses
-    06_self_forcing_pipeline: set_up, build_model, finish
+    06_self_forcing_pipeline: set_up, build_job_model, finish
     07_vae_decoder: parser, decoder_preset, build_job_decoder, RowBands, FrameDecoder, time_frames
 
 Run
@@ -32,8 +32,7 @@ def main(argv=None):
     add_timing_flags(p)
     run = sf.set_up(p.parse_args(argv), "bench_07", needs_gpus="bench_07.py")
     a, video, device, mesh = run.args, run.video, run.device, run.mesh
-    model = sf.build_model(a.preset, run.dtype, device, a.seed, mode=a.mode, fp8=a.fp8,
-                           attention=a.attention, key_parts=a.key_parts)
+    model = sf.build_job_model(run)
     text = load_text(None, model.config, 1, a.seed).to(device)
     vae = dec.build_job_decoder(run)
     bands = dec.RowBands.for_job(video.latent_height, mesh)
