@@ -171,6 +171,12 @@ def channels_last_empty(*shape, like):
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
 
 
+@functools.lru_cache(maxsize=None)
+def device_constant(values, dtype, device):
+    """Nested tuples of numbers as a tensor on `device`, made once (a host copy waits for the GPU)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 EPS = 1e-12
 
 
@@ -369,16 +375,10 @@ class Resample(nn.Module):
         output row 2i + a reads rows 2i + a - 1 .. 2i + a + 1 = earlier rows i - 1 + a .. i + a (TAPS)."""
         conv = self.resample[1]
         wide = torch.promote_types(conv.weight.dtype, torch.float32)
-        taps = phase_taps(wide, conv.weight.device)
+        taps = device_constant(TAPS, wide, conv.weight.device)
         weight = torch.einsum("aiy,bjx,ocyx->abocij", taps, taps, conv.weight.to(wide)).flatten(0, 2)
         weight = weight[:, :, None].to(conv.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
         return weight, conv.bias.repeat(4)                              # [4 * C/2, C, 1, 3, 3], [4 * C/2]
-
-
-@functools.lru_cache(maxsize=None)
-def phase_taps(dtype, device):
-    """TAPS as a tensor on `device`, made once: a copy from the host would wait for the GPU every chunk."""
-    return torch.tensor(TAPS, dtype=dtype, device=device)
 
 
 class Decoder3d(nn.Module):
@@ -417,19 +417,14 @@ class WanVAEDecoder(nn.Module):
         self.config = config
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)        # the post-quant conv
         self.decoder = Decoder3d(config)
-        self.statistics = {}            # (dtype, device) -> the latents' mean and std, made once
 
     @property
     def dtype(self):
         return self.conv2.weight.dtype
 
     def forward(self, latents, cache, bands):
-        key = (self.dtype, latents.device)
-        if key not in self.statistics:
-            self.statistics[key] = [
-                torch.tensor(values, dtype=self.dtype).view(1, -1, 1, 1, 1).to(latents.device)
-                for values in (self.config.latents_mean, self.config.latents_std)]
-        mean, std = self.statistics[key]
+        mean, std = (device_constant(values, self.dtype, latents.device).view(1, -1, 1, 1, 1)
+                     for values in (self.config.latents_mean, self.config.latents_std))
         z = (latents.to(self.dtype) * std + mean).contiguous(memory_format=torch.channels_last_3d)
         return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1).contiguous()
 
@@ -452,8 +447,7 @@ class FrameDecoder:
 
 
 def first_frame_apart(chunks):
-    """The stream's chunks, the video's first latent frame handed on alone (causal: the same pixels,
-    sooner)."""
+    """The stream's chunks, the video's first latent frame handed on alone (causal: same pixels, sooner)."""
     for index, latents in enumerate(chunks):
         if index == 0 and latents.shape[2] > 1:
             yield latents[:, :, :1]
