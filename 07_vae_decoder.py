@@ -364,7 +364,9 @@ class Resample(nn.Module):
         rows = bands.halo_rows(1)
         if rows:
             x = bands.halo(x, rows)                                     # one neighbour row each side
-        weight, bias = self.phases()
+        if (self, "phases") not in cache:                           # made once a video: the weights
+            cache[self, "phases"] = self.phases()                   # do not change while it decodes
+        weight, bias = cache[self, "phases"]
         y = add_bias(F.conv3d(x, weight, None, padding=(0, 1 - rows, 1)), bias)   # [B, 4 * C/2, T, h, W]
         B, C4, T, h, W = y.shape                                    # channels (a, b, c) -> (2i + a, 2j + b)
         y = y.permute(0, 2, 3, 4, 1).reshape(B, T, h, W, 2, 2, C4 // 4).permute(0, 1, 2, 4, 3, 5, 6)
@@ -409,8 +411,8 @@ class Decoder3d(nn.Module):
 
 
 class WanVAEDecoder(nn.Module):
-    """latents [B, 16, T, h, W] (this rank's band) -> pixels [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3
-    for the first chunk). `cache`: every causal convolution's time cache, one dict per video."""
+    """latents [B, 16, T, h, W] (a band) -> pixels [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3 at first).
+    `cache`: one dict per video, the causal convolutions' time caches and the upsamplers' phase weights."""
 
     def __init__(self, config=DecoderConfig()):
         super().__init__()
