@@ -27,8 +27,9 @@ The idea
     On a GPU every activation stays channels last (NDHWC), the layout cuDNN's kernels read; each RMS norm +
     SiLU is one Triton pass written into the buffer its convolution reads, taking the bias of the conv
     before it; other biases go in with the residual in one pass; the 2x upsampling's conv runs on the grid
-    before 2x (Resample.phases). One H200, bf16, a later chunk: 179.8 -> 107.9 ms, then 107.2 -> 100.5
-    ms in a second call (README).
+    before 2x (Resample.phases). With one rank, each chunk shape is captured once as a CUDA graph and
+    replayed in every later video (DecoderGraphs). One H200, bf16, a later chunk: 179.8 -> 107.9 ms, then
+    107.2 -> 100.5 ms in a second call; 98.6 ms eager -> 96.5 ms as graphs in a third (README).
 
 Shapes (Wan2.1, 480x832, one chunk of 3 latent frames; a band of h latent rows)
     latents: [B, 16, 3, 60, 104]  -> this rank's band [B, 16, 3, h, 104]
@@ -178,6 +179,7 @@ def device_constant(values, dtype, device):
 
 
 EPS = 1e-12
+BEGUN = "begun"         # a video's cache dict: True once its first latent frame is decoded
 
 
 def rms_norm(x, gamma, eps=EPS):
@@ -292,7 +294,10 @@ class CausalConv3d(nn.Conv3d):
         if past:
             kept = cache.get(self)
             padded[:, :, :past] = 0 if kept is None else kept
-            cache[self] = padded[:, :, -past:].clone()          # the next call's past frames (halo included)
+            if kept is None:                                    # the next call's past frames (halo included),
+                cache[self] = padded[:, :, -past:].clone()      # in place after the first (graphs read them)
+            else:
+                kept.copy_(padded[:, :, -past:])
         return self.finish(F.conv3d(padded, self.weight, None, padding=padding), residual, bias)
 
     def finish(self, y, residual, bias):
@@ -352,8 +357,7 @@ class Resample(nn.Module):
 
     def forward(self, x, cache, bands):
         if self.mode == "upsample3d":
-            first = self not in cache           # the video's first latent frame stays one frame
-            cache[self] = True
+            first = not cache.get(BEGUN)        # the video's first latent frame stays one frame
             head, x = (x[:, :, :1], x[:, :, 1:]) if first else (None, x)
             if x.shape[2]:
                 B, C, T, h, W = x.shape                                 # channels 2t, 2t+1 -> frames 2t, 2t+1
@@ -412,7 +416,8 @@ class Decoder3d(nn.Module):
 
 class WanVAEDecoder(nn.Module):
     """latents [B, 16, T, h, W] (a band) -> pixels [B, 3, T', 8h, 8W] in [-1, 1], T' = 4T (4T - 3 at first).
-    `cache`: one dict per video, the causal convolutions' time caches and the upsamplers' phase weights."""
+    `cache`: one dict per video (or one restarted, `restart`): the causal convolutions' time caches, the
+    upsamplers' phase weights, BEGUN."""
 
     def __init__(self, config=DecoderConfig()):
         super().__init__()
@@ -428,24 +433,101 @@ class WanVAEDecoder(nn.Module):
         mean, std = (device_constant(values, self.dtype, latents.device).view(1, -1, 1, 1, 1)
                      for values in (self.config.latents_mean, self.config.latents_std))
         z = (latents.to(self.dtype) * std + mean).contiguous(memory_format=torch.channels_last_3d)
-        return self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1).contiguous()
+        pixels = self.decoder(self.conv2(z, cache, bands), cache, bands).clamp(-1, 1).contiguous()
+        cache[BEGUN] = True
+        return pixels
+
+
+def restart(cache):
+    """A used cache dict made a new video's, in place (CUDA graphs read its tensors): time caches zeroed (as
+    absent ones read), phase weights combined again from the weights, BEGUN false."""
+    for key, value in cache.items():
+        if isinstance(key, CausalConv3d):
+            value.zero_()
+        elif isinstance(key, tuple):                                     # (Resample, "phases")
+            for old, new in zip(value, key[0].phases()):
+                old.copy_(new)
+    cache[BEGUN] = False
 
 
 # ----------------------------------------------------------------------------- decoding a stream
 
 class FrameDecoder:
     """One video being decoded on this rank: decoder(a chunk's whole latents [B, 16, T, H/8, W/8]) decodes
-    this rank's band, keeping the time caches, and returns the whole frames [B, 3, T', H, W]."""
+    this rank's band, keeping the time caches, and returns the whole frames [B, 3, T', H, W]. With `graphs`
+    (DecoderGraphs: one rank, GPU) the video's caches are theirs and each chunk shape replays a graph."""
 
-    def __init__(self, vae, bands):
-        self.vae, self.bands, self.cache = vae, bands, {}
+    def __init__(self, vae, bands, graphs=None):
+        if graphs is not None and bands.world_size > 1:
+            raise ValueError("the decoder's CUDA graphs run on one rank: bands exchange rows between ranks")
+        self.vae, self.bands, self.graphs = vae, bands, graphs
+        self.cache = {} if graphs is None else graphs.begin(self)
 
     @torch.no_grad()
     def __call__(self, latents):
         first, end = self.bands.band()
-        pixels = self.vae(latents[:, :, :, first:end].to(next(self.vae.parameters()).device), self.cache,
-                          self.bands)
-        return self.bands.gather(pixels, sf.VAE_STRIDE)
+        band = latents[:, :, :, first:end].to(next(self.vae.parameters()).device)
+        if self.graphs is not None:
+            return self.graphs(self, band)
+        return self.bands.gather(self.vae(band, self.cache, self.bands), sf.VAE_STRIDE)
+
+
+class DecoderGraphs:
+    """One vae's decoder on one GPU as CUDA graphs, one per chunk shape, kept across videos. A shape's first
+    chunk runs eagerly (cuDNN's search, Triton's compile, the caches made), then is captured on a stream
+    of the graphs' own; later ones replay. The caches are one dict, restarted in place at each video,
+    so every graph reads and writes the same storage, and one video at a time owns them."""
+
+    def __init__(self, vae):
+        self.vae, self.cache, self.graphs, self.owner = vae, {}, {}, None
+        self.frame = None                               # [B, C, h, W] the caches were made for
+        self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+
+    def begin(self, owner):
+        """The caches of `owner`'s new video (restarted)."""
+        restart(self.cache)
+        self.owner = owner
+        return self.cache
+
+    def __call__(self, owner, latents):
+        """owner's pixels of latents [B, 16, T, h, W] (a copy: a replay overwrites the graph's)."""
+        if owner is not self.owner:
+            raise RuntimeError("a FrameDecoder's CUDA graphs serve one video at a time: this decoder's video "
+                               "was restarted by a newer FrameDecoder")
+        B, C, T, h, W = latents.shape
+        first = not self.cache[BEGUN]
+        if first and self.frame != (B, C, h, W):        # another frame size: new caches, new graphs
+            self.cache.clear()
+            self.graphs.clear()
+            self.begin(owner)
+            self.frame = (B, C, h, W)
+        key = (tuple(latents.shape), latents.dtype, first)
+        if key in self.graphs:
+            graph, static, pixels = self.graphs[key]
+            static.copy_(latents)
+            graph.replay()
+            self.cache[BEGUN] = True
+            return pixels.clone()
+        pixels = self.vae(latents, self.cache, owner.bands)                   # the shape's eager chunk
+        static, self.cache[BEGUN] = latents.clone(), not first             # as it was before that chunk
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):          # capture_begin: unlike torch.cuda.graph, no device sync
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                static_pixels = self.vae(static, self.cache, owner.bands)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.graphs[key] = (graph, static, static_pixels)
+        self.cache[BEGUN] = True
+        return pixels
+
+
+@functools.lru_cache(maxsize=2)
+def decoder_graphs(vae):
+    """The DecoderGraphs of a vae, built at its first video and reused by every later one."""
+    return DecoderGraphs(vae)
 
 
 def first_frame_apart(chunks):
@@ -556,9 +638,10 @@ def build_job_decoder(run, dtype=None):
 def time_frames(run, model, prompts, vae, overlap, video, writer=None, keep=True, report=None):
     """(frames, host seconds to each hand-out, to the end) of a video as a viewer gets them; closes writer."""
     bands = RowBands.for_job(video.latent_height, run.mesh)
+    graphs = decoder_graphs(vae) if run.options.graphs and bands.world_size == 1 else None
     clock, frames, marks = Clock(run.device), [], []
     chunks = sf.stream(model, prompts, video, run.mesh, run.args.seed, run.options)
-    for pixels in decode_stream(FrameDecoder(vae, bands), chunks, overlap):
+    for pixels in decode_stream(FrameDecoder(vae, bands, graphs), chunks, overlap):
         marks.append(clock.host_seconds())
         if writer:
             writer.write(pixels[0])

@@ -5,7 +5,8 @@ against float32's; diffusers' AutoencoderKLWan on the same latents where diffuse
 
 Uses
     06_self_forcing_pipeline: set_up, build_job_model, finish
-    07_vae_decoder: parser, decoder_preset, build_job_decoder, RowBands, FrameDecoder, time_frames
+    07_vae_decoder: parser, decoder_preset, build_job_decoder, RowBands, FrameDecoder, decoder_graphs,
+        time_frames
 
 Run
     python bench_07.py --preset wan-1.3b --video-repeats 5                        one GPU
@@ -44,19 +45,15 @@ def main(argv=None):
         print(f"bench_07: {run.describe()}, decoder {dec.decoder_preset(a)} ({vae.dtype}, "
               f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), bands of rows "
               f"{[b - f for f, b in bands.bounds]}")
-    fresh = lambda z: dec.FrameDecoder(vae, bands)(z)
-    timings.add("decode the first chunk",
-                time_ms(lambda: fresh(latents), device, a.warmup, min(a.repeats, 5)),
-                f"{4 * video.chunk_frames - 3} frames, fresh time caches")
-    timings.add("decode its first latent frame alone",
-                time_ms(lambda: fresh(latents[:, :, :1]), device, a.warmup, min(a.repeats, 5)),
-                "1 frame: the first a viewer sees")
-    decoder = dec.FrameDecoder(vae, bands)
-    decoder(latents)
-    timings.time("decode a later chunk", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
+    graphs = dec.decoder_graphs(vae) if run.options.graphs and mesh.world_size == 1 else None
+    ways = ((" (CUDA graphs)", graphs), (" (eager)", None)) if graphs else (("", None),)
+    for how, store in ways:
+        time_chunks(timings, video, vae, bands, store, latents, how)
+        if store is not None:
+            store.graphs.clear()                       # their memory back for the eager runs and videos
     wan21 = a.vae is None and dec.decoder_preset(a) == "wan2.1"
     if not extras.missing(["diffusers"]) and mesh.world_size == 1 and wan21:
-        diffusers_decode_rows(timings, latents, vae.dtype, device)
+        diffusers_decode_rows(timings, latents, vae.dtype, device, ways[0][0])
     time_videos(run, timings, model, text, vae)
     if vae.dtype != torch.float32:   # the decoder's dtype against float32, on the same two chunks
         two = torch.randn(1, 16, 2 * video.chunk_frames, video.latent_height, video.latent_width,
@@ -70,6 +67,21 @@ def main(argv=None):
                   f"{(ours - want).abs().max().item():.3e}, relative RMS {relative_rms(ours, want):.2e}, "
                   f"8-bit values that differ {differ:.2%}")
     sf.finish(a.graph_timeout)
+
+
+def time_chunks(timings, video, vae, bands, graphs, latents, how):
+    """A fresh video's first chunk, its first latent frame alone, a later chunk."""
+    device, warmup, repeats = latents.device, timings.warmup, min(timings.repeats, 5)
+    fresh = lambda z: dec.FrameDecoder(vae, bands, graphs)(z)
+    timings.add(f"decode the first chunk{how}",
+                time_ms(lambda: fresh(latents), device, warmup, repeats),
+                f"{4 * video.chunk_frames - 3} frames, fresh time caches")
+    timings.add(f"decode its first latent frame alone{how}",
+                time_ms(lambda: fresh(latents[:, :, :1]), device, warmup, repeats),
+                "1 frame: the first a viewer sees")
+    decoder = dec.FrameDecoder(vae, bands, graphs)
+    decoder(latents)
+    timings.time(f"decode a later chunk{how}", lambda: decoder(latents), f"{4 * video.chunk_frames} frames")
 
 
 def time_videos(run, timings, model, text, vae):
@@ -96,7 +108,7 @@ def time_videos(run, timings, model, text, vae):
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
-def diffusers_decode_rows(timings, latents, dtype, device):
+def diffusers_decode_rows(timings, latents, dtype, device, how):
     """The baseline: diffusers' AutoencoderKLWan (Wan2.1's configuration, random weights) decoding the same
     latents latent frame by latent frame with its feature cache, as its own decode() does."""
     import diffusers
@@ -116,10 +128,10 @@ def diffusers_decode_rows(timings, latents, dtype, device):
                                    first_chunk=first_chunk and i == 0))
         return torch.cat(out, dim=2).clamp(-1, 1)
     timings.time(f"diffusers {diffusers.__version__}: decode the first chunk", lambda: frames(True),
-                 versus="decode the first chunk")
+                 versus=f"decode the first chunk{how}")
     frames(True)
     timings.time(f"diffusers {diffusers.__version__}: decode a later chunk", lambda: frames(False),
-                 versus="decode a later chunk")
+                 versus=f"decode a later chunk{how}")
 
 
 if __name__ == "__main__":

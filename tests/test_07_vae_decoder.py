@@ -2,6 +2,7 @@
 decoding bands of rows equal one process; the decoder equals diffusers' AutoencoderKLWan; Wan2.1's and
 diffusers' files load strictly."""
 import importlib
+import itertools
 import os
 import signal
 import subprocess
@@ -35,10 +36,10 @@ def latents(frames, rows, columns, seed, batch=1):
                        generator=torch.Generator().manual_seed(seed))
 
 
-def decode_in_chunks(vae, z, sizes, bands=None, forget=False):
+def decode_in_chunks(vae, z, sizes, bands=None, forget=False, graphs=None):
     """Decode z chunk by chunk (`sizes` latent frames each), keeping the time caches unless `forget`."""
     bands = bands or dec.RowBands(z.shape[3])
-    decoder, out, first = dec.FrameDecoder(vae, bands), [], 0
+    decoder, out, first = dec.FrameDecoder(vae, bands, graphs), [], 0
     for size in sizes:
         if forget:
             decoder = dec.FrameDecoder(vae, bands)
@@ -81,6 +82,23 @@ def test_a_chunk_that_forgets_the_time_cache_is_caught():
     vae, z = tiny_decoder(), latents(6, 2, 3, 0)
     whole = decode_in_chunks(vae, z, [6])
     assert (decode_in_chunks(vae, z, [3, 3], forget=True)[:, :, -12:] - whole[:, :, -12:]).abs().max() > 1e-2
+
+
+def test_a_restarted_cache_decodes_a_new_video_as_a_fresh_one():
+    """CUDA graphs keep one cache dict across videos: restart() must zero the time caches in place, combine
+    the phase weights again (here the weights change between videos) and mark the video not begun."""
+    vae, first, second = tiny_decoder(), latents(5, 2, 3, 0), latents(4, 2, 3, 1)
+    decoder = dec.FrameDecoder(vae, dec.RowBands(2))
+    decoder(first[:, :, :2])
+    decoder(first[:, :, 2:])
+    kept = {key: value for key, value in decoder.cache.items() if isinstance(value, torch.Tensor)}
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.1)
+    dec.restart(decoder.cache)
+    got = torch.cat([decoder(second[:, :, :1]), decoder(second[:, :, 1:])], dim=2)
+    torch.testing.assert_close(got, decode_in_chunks(vae, second, [1, 3]), rtol=0, atol=0)
+    assert all(decoder.cache[key] is value for key, value in kept.items())      # the same storage
 
 
 def test_first_latent_frame_gives_one_frame_and_every_later_gives_four():
@@ -133,6 +151,39 @@ def test_a_later_chunk_never_waits_for_the_gpu():
         decoder(z[:, :, 3:])
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_videos_equal_eager_ones_bit_for_bit(dtype):
+    """Three videos on one DecoderGraphs (eager and capture in the first, replays after), on a side stream
+    with cuDNN's search on, as the pipeline runs them; the last replay makes no host wait. A decoder whose
+    video a newer one restarted is refused."""
+    torch.manual_seed(0)
+    vae, bands = dec.build_decoder("tiny", dtype, "cuda", 0), dec.RowBands(4)
+    benchmark = torch.backends.cudnn.benchmark
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    graphs, side, sizes = dec.DecoderGraphs(vae), torch.cuda.Stream(), [1, 2, 3, 3, 1]
+    torch.backends.cudnn.benchmark = True
+    try:
+        with torch.cuda.stream(side):
+            for seed in range(3):
+                gen = torch.Generator("cuda").manual_seed(seed)
+                z = torch.randn(1, 16, sum(sizes), 4, 6, device="cuda", dtype=dtype, generator=gen)
+                want = decode_in_chunks(vae, z, sizes)
+                decoder, got = dec.FrameDecoder(vae, bands, graphs), []
+                for first, size in zip(itertools.accumulate([0, *sizes]), sizes):
+                    torch.cuda.set_sync_debug_mode("error" if seed == 2 and first > 0 else 0)
+                    got.append(decoder(z[:, :, first:first + size]))
+                torch.cuda.set_sync_debug_mode(0)
+                assert torch.equal(torch.cat(got, dim=2), want)
+            dec.FrameDecoder(vae, bands, graphs)
+            with pytest.raises(RuntimeError, match="one video at a time"):
+                decoder(z[:, :, :1])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def run_sharded(frames, rows, columns, seed, sizes, broken=False):
