@@ -481,10 +481,18 @@ class DecoderGraphs:
     def __init__(self, vae):
         self.vae, self.cache, self.graphs, self.owner = vae, {}, {}, None
         self.frame = None                               # [B, C, h, W] the caches were made for
-        self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        self.stream, self.done = torch.cuda.Stream(), None   # done: after the last chunk's work
+        self.drop()
+
+    def drop(self):
+        """No graphs, and a fresh memory pool (a pool whose graphs are all gone cannot be captured into)."""
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
 
     def begin(self, owner):
-        """The caches of `owner`'s new video (restarted)."""
+        """The caches of `owner`'s new video (restarted, after the last video's chunks, on any stream)."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
         restart(self.cache)
         self.owner = owner
         return self.cache
@@ -498,7 +506,7 @@ class DecoderGraphs:
         first = not self.cache[BEGUN]
         if first and self.frame != (B, C, h, W):        # another frame size: new caches, new graphs
             self.cache.clear()
-            self.graphs.clear()
+            self.drop()
             self.begin(owner)
             self.frame = (B, C, h, W)
         key = (tuple(latents.shape), latents.dtype, first)
@@ -506,22 +514,36 @@ class DecoderGraphs:
             graph, static, pixels = self.graphs[key]
             static.copy_(latents)
             graph.replay()
-            self.cache[BEGUN] = True
-            return pixels.clone()
-        pixels = self.vae(latents, self.cache, owner.bands)                   # the shape's eager chunk
-        static, self.cache[BEGUN] = latents.clone(), not first             # as it was before that chunk
+            pixels = pixels.clone()
+        else:
+            pixels = self.vae(latents, self.cache, owner.bands)               # the shape's eager chunk
+            self.cache[BEGUN] = not first                                  # as it was before that chunk
+            try:
+                self.graphs[key] = self.capture(latents.clone(), owner.bands)
+            finally:
+                self.cache[BEGUN] = True
+        self.cache[BEGUN] = True
+        self.done = torch.cuda.Event()
+        self.done.record()
+        return pixels
+
+    def capture(self, static, bands):
+        """(graph, static input, its output) of one chunk, recorded, not run: the caches do not advance."""
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):          # capture_begin: unlike torch.cuda.graph, no device sync
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                static_pixels = self.vae(static, self.cache, owner.bands)
-            finally:
-                graph.capture_end()
+                static_pixels = self.vae(static, self.cache, bands)
+            except BaseException:
+                try:
+                    graph.capture_end()               # ends the capture; its own error would hide the first
+                except RuntimeError:
+                    pass
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)
-        self.graphs[key] = (graph, static, static_pixels)
-        self.cache[BEGUN] = True
-        return pixels
+        return graph, static, static_pixels
 
 
 @functools.lru_cache(maxsize=2)

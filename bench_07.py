@@ -50,7 +50,7 @@ def main(argv=None):
     for how, store in ways:
         time_chunks(timings, video, vae, bands, store, latents, how)
         if store is not None:
-            store.graphs.clear()                       # their memory back for the eager runs and videos
+            store.drop()                               # their memory back for the eager runs and videos
     wan21 = a.vae is None and dec.decoder_preset(a) == "wan2.1"
     if not extras.missing(["diffusers"]) and mesh.world_size == 1 and wan21:
         diffusers_decode_rows(timings, latents, vae.dtype, device, ways[0][0])

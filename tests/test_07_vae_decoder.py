@@ -158,7 +158,7 @@ def test_a_later_chunk_never_waits_for_the_gpu():
 def test_graphed_videos_equal_eager_ones_bit_for_bit(dtype):
     """Three videos on one DecoderGraphs (eager and capture in the first, replays after), on a side stream
     with cuDNN's search on, as the pipeline runs them; the last replay makes no host wait. A decoder whose
-    video a newer one restarted is refused."""
+    video a newer one restarted is refused; another frame size, and back, makes new graphs."""
     torch.manual_seed(0)
     vae, bands = dec.build_decoder("tiny", dtype, "cuda", 0), dec.RowBands(4)
     benchmark = torch.backends.cudnn.benchmark
@@ -181,6 +181,11 @@ def test_graphed_videos_equal_eager_ones_bit_for_bit(dtype):
             dec.FrameDecoder(vae, bands, graphs)
             with pytest.raises(RuntimeError, match="one video at a time"):
                 decoder(z[:, :, :1])
+            for rows in (3, 4):                           # another frame size, and back: new graphs each time
+                z = torch.randn(1, 16, 4, rows, 6, device="cuda", dtype=dtype, generator=gen)
+                want = decode_in_chunks(vae, z, [1, 3], dec.RowBands(rows))
+                got = decode_in_chunks(vae, z, [1, 3], dec.RowBands(rows), graphs=graphs)
+                assert torch.equal(got, want)
     finally:
         torch.cuda.set_sync_debug_mode(0)
         torch.backends.cudnn.benchmark = benchmark
