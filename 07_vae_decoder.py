@@ -514,7 +514,7 @@ class DecoderGraphs:
             graph, static, pixels = self.graphs[key]
             static.copy_(latents)
             graph.replay()
-            pixels = pixels.clone()
+            pixels, self.cache[BEGUN] = pixels.clone(), True
         else:
             pixels = self.vae(latents, self.cache, owner.bands)               # the shape's eager chunk
             self.cache[BEGUN] = not first                                  # as it was before that chunk
@@ -522,7 +522,6 @@ class DecoderGraphs:
                 self.graphs[key] = self.capture(latents.clone(), owner.bands)
             finally:
                 self.cache[BEGUN] = True
-        self.cache[BEGUN] = True
         self.done = torch.cuda.Event()
         self.done.record()
         return pixels
@@ -550,6 +549,11 @@ class DecoderGraphs:
 def decoder_graphs(vae):
     """The DecoderGraphs of a vae, built at its first video and reused by every later one."""
     return DecoderGraphs(vae)
+
+
+def job_graphs(run, vae, bands):
+    """The vae's DecoderGraphs where the run replays graphs (GPU, not --no-graph) on one rank, else None."""
+    return decoder_graphs(vae) if run.options.graphs and bands.world_size == 1 else None
 
 
 def first_frame_apart(chunks):
@@ -660,7 +664,7 @@ def build_job_decoder(run, dtype=None):
 def time_frames(run, model, prompts, vae, overlap, video, writer=None, keep=True, report=None):
     """(frames, host seconds to each hand-out, to the end) of a video as a viewer gets them; closes writer."""
     bands = RowBands.for_job(video.latent_height, run.mesh)
-    graphs = decoder_graphs(vae) if run.options.graphs and bands.world_size == 1 else None
+    graphs = job_graphs(run, vae, bands)
     clock, frames, marks = Clock(run.device), [], []
     chunks = sf.stream(model, prompts, video, run.mesh, run.args.seed, run.options)
     for pixels in decode_stream(FrameDecoder(vae, bands, graphs), chunks, overlap):

@@ -5,8 +5,7 @@ against float32's; diffusers' AutoencoderKLWan on the same latents where diffuse
 
 Uses
     06_self_forcing_pipeline: set_up, build_job_model, finish
-    07_vae_decoder: parser, decoder_preset, build_job_decoder, RowBands, FrameDecoder, decoder_graphs,
-        time_frames
+    07_vae_decoder: parser, decoder_preset, build_job_decoder, RowBands, FrameDecoder, job_graphs, time_frames
 
 Run
     python bench_07.py --preset wan-1.3b --video-repeats 5                        one GPU
@@ -45,7 +44,7 @@ def main(argv=None):
         print(f"bench_07: {run.describe()}, decoder {dec.decoder_preset(a)} ({vae.dtype}, "
               f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), bands of rows "
               f"{[b - f for f, b in bands.bounds]}")
-    graphs = dec.decoder_graphs(vae) if run.options.graphs and mesh.world_size == 1 else None
+    graphs = dec.job_graphs(run, vae, bands)
     ways = ((" (CUDA graphs)", graphs), (" (eager)", None)) if graphs else (("", None),)
     for how, store in ways:
         time_chunks(timings, video, vae, bands, store, latents, how)
