@@ -251,12 +251,16 @@ class Block(nn.Module):
 
     def feed_forward(self, h):
         """ffn(h); on GPU the first Linear with cuBLASLt's bias + GELU(tanh) epilogue (one kernel); on CPU
-        that op would use exact GELU, so the plain modules run there."""
-        up = self.ffn[0]
-        if not h.is_cuda or not isinstance(up, nn.Linear):       # the CPU, or FP8 layers
+        that op would use exact GELU, so the plain modules run there. In FP8 the GELU and the quantization
+        of the hidden for the second layer are one pass (gelu_fp8_rows)."""
+        up, down = self.ffn[0], self.ffn[2]
+        if isinstance(up, Fp8Linear):
+            hidden = up(h).flatten(0, 1)                                     # [B * n, ffn_dim]
+            return down.quantized(*gelu_fp8_rows(hidden), h.dtype).unflatten(0, h.shape[:2])
+        if not h.is_cuda:
             return self.ffn(h)
         hidden = torch._addmm_activation(up.bias, h.flatten(0, 1), up.weight.t(), use_gelu=True)
-        return self.ffn[2](hidden.unflatten(0, h.shape[:2]))
+        return down(hidden.unflatten(0, h.shape[:2]))
 
     def pre_attention(self, x, e, frame_index):
         """Self-attention's input; in FP8 its (q, k, v), the input quantized here, in the compiled code."""
@@ -772,11 +776,15 @@ def fp8_rows(x):
     return (x.float() / scale).to(FP8), scale
 
 
+def fp8_matmul(values, scale, weight_fp8, weight_scale, bias, dtype):
+    """(values [M, K] e4m3, scales [M, 1]) -> [M, N] in dtype: one torch._scaled_mm adding the bias."""
+    return torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
+                            bias=bias.to(dtype), out_dtype=dtype)
+
+
 def fp8_linear(x, weight_fp8, weight_scale, bias):
-    """x [..., K] -> [..., N] in x's dtype: x quantized per token, one torch._scaled_mm adding the bias."""
-    values, scale = fp8_rows(x.flatten(0, -2))                                   # [M, K], [M, 1]
-    y = torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
-                         bias=bias.to(x.dtype), out_dtype=x.dtype)
+    """x [..., K] -> [..., N] in x's dtype: x quantized per token (fp8_rows), then fp8_matmul."""
+    y = fp8_matmul(*fp8_rows(x.flatten(0, -2)), weight_fp8, weight_scale, bias, x.dtype)
     return y.unflatten(0, x.shape[:-1])
 
 
@@ -796,6 +804,67 @@ class Fp8Linear(nn.Module):
     def forward(self, x):
         y = self.run(x, self.weight_fp8, self.weight_scale, self.bias)
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
+
+    def quantized(self, values, scale, dtype):
+        """The layer on an input already quantized (values [M, K] e4m3, scales [M, 1]) -> [M, N] in dtype."""
+        return fp8_matmul(values, scale, self.weight_fp8, self.weight_scale, self.bias, dtype)
+
+
+def gelu_fp8_rows(x):
+    """fp8_rows(GELU_tanh(x)) for x [M, K]. On a GPU one Triton pass (gelu_fp8_op) reads x once and writes the
+    e4m3 values, where the compiled GELU, row maximum and division took two passes at a third of the rate."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] <= 1 << 16:
+        return gelu_fp8_op()(x)
+    return fp8_rows(F.gelu(x, approximate="tanh"))
+
+
+@functools.lru_cache(maxsize=None)
+def gelu_fp8_op():
+    """gelu_fp8_rows's GPU kernel as a custom op, opaque to torch.compile (inductor fails to compile it
+    inlined). A row per program, held in registers as a power-of-two head and a masked tail."""
+    namespace = torch.ops.self_forcing_sp
+    if hasattr(namespace, "gelu_fp8_rows"):  # another copy of this module registered it
+        return namespace.gelu_fp8_rows
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_rounded(v):                       # GELU(tanh) as x * sigmoid(2u), rounded to x's dtype as F.gelu
+        u = 1.5957691216057308 * (v + 0.044715 * v * v * v)
+        return v / (1.0 + tl.exp(-u))
+
+    @triton.jit
+    def kernel(x, values, scales, K, HEAD: tl.constexpr, TAIL: tl.constexpr, HAS_TAIL: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * K
+        head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+        a = gelu_rounded(tl.load(x + row + head).to(tl.float32)).to(x.dtype.element_ty).to(tl.float32)
+        amax = tl.max(tl.abs(a))
+        if HAS_TAIL:
+            b = tl.load(x + row + tail, mask=tail < K, other=0.0).to(tl.float32)
+            b = gelu_rounded(b).to(x.dtype.element_ty).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(b)))
+        amax = tl.maximum(amax, 1e-12)
+        tl.store(scales + tl.program_id(0), amax / 448.0)                       # e4m3's largest magnitude
+        inverse = 448.0 / amax                 # one division a row: the kernel is bound by its arithmetic
+        tl.store(values + row + head, (a * inverse).to(tl.float8e4nv))
+        if HAS_TAIL:
+            tl.store(values + row + tail, (b * inverse).to(tl.float8e4nv), mask=tail < K)
+
+    @torch.library.custom_op("self_forcing_sp::gelu_fp8_rows", mutates_args=())
+    def op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.contiguous()
+        (M, K), head = x.shape, 1 << (x.shape[1].bit_length() - 1)
+        values, scales = torch.empty_like(x, dtype=FP8), x.new_empty(M, 1, dtype=torch.float32)
+        if M:
+            kernel[(M,)](x, values, scales, K, HEAD=head, TAIL=triton.next_power_of_2(max(K - head, 1)),
+                         HAS_TAIL=K > head, num_warps=8)
+        return values, scales
+
+    @op.register_fake
+    def _(x):
+        return torch.empty_like(x, dtype=FP8), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+    return namespace.gelu_fp8_rows
 
 
 def use_fp8(model, compile=False):

@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rank_pool import get_pool
 from support.weights import load_text
@@ -59,6 +60,40 @@ def test_fp8_q_k_v_made_before_attention_are_what_the_layer_would_make(mode):
         q, k, v = block.fp8_qkv(h)
         got = attention.attend_projections(q, k, v, layout)
         torch.testing.assert_close(got, plain(h, layout, check=True), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp8_feed_forward_is_its_three_layers_in_order():
+    """The block quantizes GELU's output itself (gelu_fp8_rows) and hands it to the second layer."""
+    block = sf.build_model("tiny", torch.float32, "cpu", 0, fp8=True).blocks[0]
+    h = torch.randn(2, 7, block.ffn[0].weight_fp8.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(block.feed_forward(h), block.ffn(h), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass kernel runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_fp8_rows_in_one_pass_is_gelu_then_fp8_rows(dtype):
+    """The Triton pass, alone and inside torch.compile, against its two-step definition with GELU in float64
+    (F.gelu's float32 0.5 x (1 + tanh u) loses its digits below x ~ -4): scales within a rounding, values
+    at most one e4m3 step and a rounding of GELU apart, and few of them; odd widths and one row too."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    compiled = torch.compile(sf.gelu_fp8_rows, fullgraph=True, dynamic=False)
+    for rows, width in [(1, 64), (37, 1000), (300, 1536), (4680, 8960)]:
+        spread = torch.logspace(-3, 2, rows, device="cuda")[:, None]                     # rows 1e-3..1e2
+        x = (torch.randn(rows, width, device="cuda", generator=gen) * spread).to(dtype)
+        values, scale = sf.gelu_fp8_rows(x)
+        want_values, want_scale = sf.fp8_rows(F.gelu(x.double(), approximate="tanh").to(dtype))
+        assert values.dtype == sf.FP8 and scale.shape == (rows, 1)
+        torch.testing.assert_close(scale, want_scale, rtol=2 ** -7, atol=0)
+        got, want = values.float() * scale, want_values.float() * want_scale
+        step = want.abs() * 2 ** -3 + want_scale * 2 ** -9                      # e4m3: 3 mantissa bits
+        ulp = (want.abs() + torch.finfo(dtype).smallest_normal) * torch.finfo(dtype).eps    # GELU in dtype
+        assert ((got - want).abs() <= (step + ulp) * 1.01).all()
+        # ties between e4m3 neighbours: x * (448 / amax) lands on them where x / (amax / 448) does not
+        assert (values.view(torch.uint8) != want_values.view(torch.uint8)).float().mean() < 1e-2
+        in_compile = compiled(x)
+        assert torch.equal(in_compile[0].view(torch.uint8), values.view(torch.uint8))
+        assert torch.equal(in_compile[1], scale)
 
 
 def fp8_latents(mesh_shape, local=False):
