@@ -777,9 +777,14 @@ def fp8_rows(x):
 
 
 def fp8_matmul(values, scale, weight_fp8, weight_scale, bias, dtype):
-    """(values [M, K] e4m3, scales [M, 1]) -> [M, N] in dtype: one torch._scaled_mm adding the bias."""
-    return torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
-                            bias=bias.to(dtype), out_dtype=dtype)
+    """(values [M, K] e4m3, scales [M, 1]) -> [M, N] in dtype, accumulated in float32: on a GPU one
+    torch._scaled_mm adding the bias; on the CPU the same product of the dequantized operands, as the CPU's
+    _scaled_mm takes only per-tensor scales in some releases (torch 2.11 among them)."""
+    if values.is_cuda:
+        return torch._scaled_mm(values, weight_fp8.t(), scale_a=scale, scale_b=weight_scale,
+                                bias=bias.to(dtype), out_dtype=dtype)
+    weight = weight_fp8.float() * weight_scale.t()                                # [N, K]
+    return torch.addmm(bias.float(), values.float() * scale, weight.t()).to(dtype)
 
 
 def fp8_linear(x, weight_fp8, weight_scale, bias):
