@@ -834,12 +834,13 @@ def gelu_fp8_op():
     import triton.language as tl
 
     @triton.jit
-    def gelu_rounded(v):                       # GELU(tanh) as x * sigmoid(2u), rounded to x's dtype as F.gelu
+    def gelu_rounded(v):                       # GELU(tanh) as x * sigmoid(2u); the caller rounds to x's dtype
         u = 1.5957691216057308 * (v + 0.044715 * v * v * v)
         return v / (1.0 + tl.exp(-u))
 
     @triton.jit
-    def kernel(x, values, scales, K, HEAD: tl.constexpr, TAIL: tl.constexpr, HAS_TAIL: tl.constexpr):
+    def kernel(x, values, scales, K, HEAD: tl.constexpr, TAIL: tl.constexpr, HAS_TAIL: tl.constexpr,
+               FP8_MAX: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * K
         head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
         a = gelu_rounded(tl.load(x + row + head).to(tl.float32)).to(x.dtype.element_ty).to(tl.float32)
@@ -849,8 +850,8 @@ def gelu_fp8_op():
             b = gelu_rounded(b).to(x.dtype.element_ty).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(b)))
         amax = tl.maximum(amax, 1e-12)
-        tl.store(scales + tl.program_id(0), amax / 448.0)                       # e4m3's largest magnitude
-        inverse = 448.0 / amax                 # one division a row: the kernel is bound by its arithmetic
+        tl.store(scales + tl.program_id(0), amax / FP8_MAX)                     # as fp8_rows' scale
+        inverse = FP8_MAX / amax               # one division a row (one a value bound it by its arithmetic)
         tl.store(values + row + head, (a * inverse).to(tl.float8e4nv))
         if HAS_TAIL:
             tl.store(values + row + tail, (b * inverse).to(tl.float8e4nv), mask=tail < K)
@@ -862,7 +863,7 @@ def gelu_fp8_op():
         values, scales = torch.empty_like(x, dtype=FP8), x.new_empty(M, 1, dtype=torch.float32)
         if M:
             kernel[(M,)](x, values, scales, K, HEAD=head, TAIL=triton.next_power_of_2(max(K - head, 1)),
-                         HAS_TAIL=K > head, num_warps=8)
+                         HAS_TAIL=K > head, FP8_MAX=torch.finfo(FP8).max, num_warps=8)
         return values, scales
 
     @op.register_fake
