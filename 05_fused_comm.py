@@ -12,7 +12,8 @@ The idea
     * "overlap": V needs neither norm nor RoPE, so its all-to-all starts before Q/K are packed and runs
       while they are (two exchanges, one of them hidden).
     CausalSelfAttention.forward picks unfused_attention (stages 03 + 04 as they are), fused_exchange or
-    overlapped_exchange, then attends; K/V go into the cache's slots, kept by stage 03's commit_chunk.
+    overlapped_exchange, then attends; K/V go into the cache's slots, kept by stage 03's commit_chunk. Where
+    a Ulysses group is one rank (one GPU, ring-only SP), nothing is sent: pack_qkv writes K/V into the slots.
 Shapes
     x (per rank):           [batch, n_local, dim]
     send buffer:            [U, n_local, 3, batch, heads/U, head_dim]   (one block per destination)
@@ -86,16 +87,20 @@ class ShardLayout:
         self.frame_index = torch.arange(*self.shard, device=self.cos.device) // self.table.tokens_per_frame
 
 
-def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps):
+def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps, kv_out=None):
     """q, k, v [B, n, dim] -> send buffer [U, n, 3, B, heads/U, D]. v=None packs Q/K only ([U, n, 2, ...]):
-    the overlap mode sends V on its own, earlier."""
+    the overlap mode sends V on its own, earlier. kv_out [n, 2, B, heads, D] (U = 1: nothing is sent): K/V
+    are written there, a cache slot, and the buffer holds Q alone ([1, n, 1, B, heads, D])."""
     B, n, dim = q.shape
     D, U = dim // heads, ulysses_degree
     parts = [rope.apply_rope(rms_norm(q, norm_q_weight, eps).view(B, n, heads, D), cos, sin),   # [B, n, H, D]
              rope.apply_rope(rms_norm(k, norm_k_weight, eps).view(B, n, heads, D), cos, sin)]
     if v is not None:
         parts.append(v.view(B, n, heads, D))
-    P = len(parts)                                                    # 3 (q, k, v) or 2 (q, k)
+    if kv_out is not None:
+        kv_out.copy_(torch.stack(parts[1:]).permute(2, 0, 1, 3, 4))     # [2, B, n, H, D] -> [n, 2, B, H, D]
+        parts = parts[:1]
+    P = len(parts)                                                    # 3 (q, k, v), 2 (q, k) or 1 (q)
     return (torch.stack(parts)                      # [P, B, n, H, D]
             .view(P, B, n, U, heads // U, D)        # [P, B, n, U, Hu, D]: head group u goes to member u
             .permute(3, 2, 0, 1, 4, 5)              # [U, n, P, B, Hu, D]: one block per member
@@ -141,12 +146,18 @@ class CausalSelfAttention(nn.Module):
         if self.mode == "unfused":
             out = self.unfused_attention(q, k, v, layout, cache)
         else:
-            exchange = self.fused_exchange if self.mode == "fused" else self.overlapped_exchange
-            q_tm, kv = exchange(q, k, v, layout)          # [n_ring, B, Hu, D], [n_ring, 2, B, Hu, D]
-            if cache is not None:                                     # the chunk's K/V into its cache slots
-                slot, kv_all = cache.reserve(q_tm, layout.chunk, sp.ring_shard_of(layout.mesh, layout.chunk))
-                sp.copy_rows_(slot, kv)
-                kv = kv_all                                           # [cached + n_ring, 2, B, Hu, D]
+            held = sp.ring_shard_of(layout.mesh, layout.chunk)      # my group's part of the chunk
+            if cache is not None and layout.mesh.ulysses_degree == 1:       # nothing to send: the packing
+                like = q.unflatten(-1, (self.num_heads, -1)).transpose(0, 1)   # [n, B, H, D], a view
+                slot, kv = cache.reserve(like, layout.chunk, held)          # writes K/V into their slots
+                q_tm = self.pack(q, k, v, layout, kv_out=slot)[0, :, 0]     # [n, B, H, D]
+            else:
+                exchange = self.fused_exchange if self.mode == "fused" else self.overlapped_exchange
+                q_tm, kv = exchange(q, k, v, layout)      # [n_ring, B, Hu, D], [n_ring, 2, B, Hu, D]
+                if cache is not None:                                 # the chunk's K/V into its cache slots
+                    slot, kv_all = cache.reserve(q_tm, layout.chunk, held)
+                    sp.copy_rows_(slot, kv)
+                    kv = kv_all                                       # [cached + n_ring, 2, B, Hu, D]
             out = sp.attend_heads(q_tm, kv, layout.mesh, layout.chunk, cache, self.attend)   # [B, n, H, D]
         return self.o(out.flatten(2))
 
@@ -157,10 +168,10 @@ class CausalSelfAttention(nn.Module):
         q, k = rotate(heads(self.norm_q(q))), rotate(heads(self.norm_k(k)))
         return sp.sp_attention(q, k, heads(v), layout.mesh, layout.chunk, cache, check=False)
 
-    def pack(self, q, k, v, layout):
+    def pack(self, q, k, v, layout, kv_out=None):
         """pack_qkv with this layer's weights and this rank's RoPE rows."""
         return self.pack_qkv(q, k, v, self.norm_q.weight, self.norm_k.weight, layout.cos, layout.sin,
-                                      self.num_heads, layout.mesh.ulysses_degree, self.eps)
+                             self.num_heads, layout.mesh.ulysses_degree, self.eps, kv_out)
 
     def fused_exchange(self, q, k, v, layout):
         """One buffer, one all-to-all: q_tm [n_ring, B, Hu, D] and kv [n_ring, 2, B, Hu, D], token-major."""

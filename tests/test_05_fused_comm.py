@@ -68,6 +68,29 @@ def test_pack_qkv_layout_is_one_block_per_destination():
                                .transpose(0, 1), rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="compiled as on a GPU, where the 1-GPU model runs it"))])
+def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
+    """With kv_out (one member), K/V land in the slot, exactly the one-buffer packing's, and nothing else is
+    written; the buffer holds Q alone."""
+    device, dtype = ("cuda", torch.float32) if compiled else ("cpu", torch.float64)
+    pack = torch.compile(fused.pack_qkv) if compiled else fused.pack_qkv
+    B, n, heads, D, held = 2, 5, 4, 6, 3
+    q, k, v = (torch.randn(B, n, heads * D, dtype=dtype, device=device) for _ in range(3))
+    angle = torch.rand(n, D // 2, dtype=dtype, device=device) * 6
+    weight = torch.rand(heads * D, dtype=dtype, device=device) + 0.5
+    args = (weight, weight.flip(0), angle.cos(), angle.sin(), heads, 1, 1e-6)
+    whole = fused.pack_qkv(q, k, v, *args)                                 # [1, n, 3, B, H, D]
+    tol = 1e-5 if compiled else 0                                          # compiled vs eager: rounding
+    for offset in (0, held):                                               # slots at two places in a cache
+        cache = torch.full((held + n + 2, 2, B, heads, D), float("nan"), dtype=dtype, device=device)
+        send = pack(q, k, v, *args, kv_out=cache[offset:offset + n])
+        assert send.shape == (1, n, 1, B, heads, D)
+        torch.testing.assert_close(send[0, :, 0], whole[0, :, 0], rtol=tol, atol=tol)
+        torch.testing.assert_close(cache[offset:offset + n], whole[0, :, 1:], rtol=tol, atol=tol)
+        assert cache[:offset].isnan().all() and cache[offset + n:].isnan().all()
+
 def wrong_input_on_one_rank():
     mesh = sp.SPMesh.get(2, 1)
     table = rope.RopeTable(8, 3, 2, 2, dtype=torch.float64)
