@@ -48,6 +48,7 @@ def _worker(rank, world_size, port, conn):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(1)
+    torch.cuda.is_available = lambda: False  # gloo ranks on the CPU on a GPU box too: CUDA cannot follow a fork
     sp = importlib.import_module("03_sequence_parallel")
     sp.init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S)
     while True:
