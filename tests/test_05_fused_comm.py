@@ -68,7 +68,6 @@ def test_pack_qkv_layout_is_one_block_per_destination():
                                .transpose(0, 1), rtol=0, atol=0)
 
 
-
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="compiled as on a GPU, where the 1-GPU model runs it"))])
 def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
@@ -76,7 +75,7 @@ def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
     written; the buffer holds Q alone."""
     device, dtype = ("cuda", torch.float32) if compiled else ("cpu", torch.float64)
     pack = torch.compile(fused.pack_qkv) if compiled else fused.pack_qkv
-    B, n, heads, D, held = 2, 5, 4, 6, 3
+    B, n, heads, D, held = 3, 5, 4, 6, 3                                  # B != 2: [n, B, 2] != [n, 2, B]
     q, k, v = (torch.randn(B, n, heads * D, dtype=dtype, device=device) for _ in range(3))
     angle = torch.rand(n, D // 2, dtype=dtype, device=device) * 6
     weight = torch.rand(heads * D, dtype=dtype, device=device) + 0.5
@@ -90,6 +89,7 @@ def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
         torch.testing.assert_close(send[0, :, 0], whole[0, :, 0], rtol=tol, atol=tol)
         torch.testing.assert_close(cache[offset:offset + n], whole[0, :, 1:], rtol=tol, atol=tol)
         assert cache[:offset].isnan().all() and cache[offset + n:].isnan().all()
+
 
 def wrong_input_on_one_rank():
     mesh = sp.SPMesh.get(2, 1)
