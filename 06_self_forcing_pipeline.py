@@ -883,6 +883,8 @@ def use_fp8(model, compile=False):
         attention.o = Fp8Linear(attention.o, compile=compile)                # called by stage 05's eager code
         cross.q, cross.o = Fp8Linear(cross.q), Fp8Linear(cross.o)            # these four: in post_attention
         ffn[0], ffn[2] = Fp8Linear(ffn[0]), Fp8Linear(ffn[2])
+    if compile:
+        gelu_fp8_op()     # registered before torch.compile meets it: registering it there splits the graph
     return model
 
 

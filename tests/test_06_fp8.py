@@ -2,6 +2,7 @@
 scales, float32 accumulation), close to the layer it replaces; q, k and v as one layer are the three layers,
 made before attention they are what the attention layer would make; sharded equals one process."""
 import importlib
+import multiprocessing
 
 import pytest
 import torch
@@ -94,6 +95,30 @@ def test_gelu_fp8_rows_in_one_pass_is_gelu_then_fp8_rows(dtype):
         in_compile = compiled(x)
         assert torch.equal(in_compile[0].view(torch.uint8), values.view(torch.uint8))
         assert torch.equal(in_compile[1], scale)
+
+
+def graph_breaks_around_attention(device):
+    """torch.compile's graph breaks in a fresh FP8 block's pre_attention and post_attention (bf16)."""
+    block = sf.build_model("tiny", torch.bfloat16, device, 0, fp8=True).blocks[0]
+    dim, heads = block.norm1.normalized_shape[0], block.cross_attn.num_heads
+    gen = torch.Generator(device).manual_seed(4)
+    x, y = (torch.randn(1, 96, dim, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    e = torch.randn(1, 2, 6, dim, device=device, generator=gen, dtype=torch.bfloat16)
+    frame_index = torch.arange(96, device=device) // 48
+    text_kv = [torch.randn(1, heads, 16, dim // heads, device=device, generator=gen, dtype=torch.bfloat16)
+               for _ in range(2)]
+    with torch.no_grad():
+        return [torch._dynamo.explain(sf.Block.pre_attention)(block, x, e, frame_index).graph_break_count,
+                torch._dynamo.explain(sf.Block.post_attention)(block, x, y, e, frame_index, text_kv).graph_break_count]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FP8 block runs on a GPU")
+def test_the_compiled_fp8_block_around_attention_is_one_graph_each():
+    """pre_attention and post_attention (the FFN's GELU kernel included) compile whole: a graph break would
+    split the fusions inductor makes around the FP8 layers. In a fresh process, where the GELU kernel's op
+    is not registered yet (registering it inside the traced code breaks the graph)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(graph_breaks_around_attention, ("cuda",)) == [0, 0]
 
 
 def fp8_latents(mesh_shape, local=False):
