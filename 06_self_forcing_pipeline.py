@@ -868,7 +868,7 @@ def gelu_fp8_op():
 
     @op.register_fake
     def _(x):
-        return torch.empty_like(x, dtype=FP8), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+        return x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
     return namespace.gelu_fp8_rows
 
