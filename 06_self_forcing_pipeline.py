@@ -219,7 +219,11 @@ class CrossAttention(nn.Module):
         self.norm_q, self.norm_k = fused.RMSNorm(dim, eps), fused.RMSNorm(dim, eps)
 
     def forward(self, x, context_kv):
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # [B, H, n, D]
+        return self.attend(self.q(x), context_kv)
+
+    def attend(self, q, context_kv):
+        """The tokens' attention to the text from their q projection [B, n, dim], through o."""
+        q = self.norm_q(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)             # [B, H, n, D]
         out = F.scaled_dot_product_attention(q, *context_kv)
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -240,11 +244,16 @@ class Block(nn.Module):
                                       for f in (Block.pre_attention, Block.post_attention))
         self.fp8_qkv = None            # use_fp8: self-attention's q, k, v as one FP8 layer, run before it
 
-    def modulated(self, norm, x, e, frame_index, which):
-        """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale) = e[.., which:which+2]."""
+    def scale_shift(self, e, which):
+        """(1 + scale, shift) of each frame: (shift, scale) = e[.., which:which+2] plus the block's own."""
         shift, scale = (self.modulation[0, which:which + 2]
                         + e[:, :, which:which + 2]).unbind(2)                     # each [B, F, dim]
-        return norm(x) * (1 + scale[:, frame_index]) + shift[:, frame_index]
+        return 1 + scale, shift
+
+    def modulated(self, norm, x, e, frame_index, which):
+        """norm(x) * (1 + scale) + shift with this token's frame's (shift, scale)."""
+        weight, bias = self.scale_shift(e, which)
+        return norm(x) * weight[:, frame_index] + bias[:, frame_index]
 
     def gate(self, e, frame_index, which):
         return (self.modulation[0, which] + e[:, :, which])[:, frame_index]
@@ -255,24 +264,55 @@ class Block(nn.Module):
         of the hidden for the second layer are one pass (gelu_fp8_rows)."""
         up, down = self.ffn[0], self.ffn[2]
         if isinstance(up, Fp8Linear):
-            hidden = up(h).flatten(0, 1)                                     # [B * n, ffn_dim]
-            return down.quantized(*gelu_fp8_rows(hidden), h.dtype).unflatten(0, h.shape[:2])
+            return self.fp8_feed_forward(*fp8_rows(h.flatten(0, 1)), h.dtype).unflatten(0, h.shape[:2])
         if not h.is_cuda:
             return self.ffn(h)
         hidden = torch._addmm_activation(up.bias, h.flatten(0, 1), up.weight.t(), use_gelu=True)
         return down(hidden.unflatten(0, h.shape[:2]))
 
+    def fp8_feed_forward(self, values, scales, dtype):
+        """The FP8 FFN on its input quantized already (values [M, dim] e4m3, scales [M, 1]) -> [M, dim]."""
+        hidden = self.ffn[0].quantized(values, scales, dtype)                      # [M, ffn_dim]
+        return self.ffn[2].quantized(*gelu_fp8_rows(hidden), dtype)
+
+    @staticmethod
+    def frame_rows(x, frame_index, frames):
+        """Each token's row of a [B * F, dim] table of per-frame values (b * F + its frame): [B * n]."""
+        return (torch.arange(x.shape[0], device=x.device)[:, None] * frames + frame_index).flatten()
+
     def pre_attention(self, x, e, frame_index):
-        """Self-attention's input; in FP8 its (q, k, v), the input quantized here, in the compiled code."""
-        h = self.modulated(self.norm1, x, e, frame_index, 0)
-        return h if self.fp8_qkv is None else self.fp8_qkv(h)
+        """Self-attention's input; in FP8 its (q, k, v): the norm, modulation and quantization in one pass
+        (norm_fp8_rows), then the one FP8 layer."""
+        if self.fp8_qkv is None:
+            return self.modulated(self.norm1, x, e, frame_index, 0)
+        weight, bias = self.scale_shift(e, 0)                                      # [B, F, dim]
+        _, values, scales = norm_fp8_rows(x.flatten(0, 1), weight.flatten(0, 1), bias.flatten(0, 1),
+                                          self.frame_rows(x, frame_index, e.shape[1]), self.norm1.eps)
+        qkv = self.fp8_qkv.quantized(values, scales, x.dtype).unflatten(0, x.shape[:2])
+        return qkv.split(self.fp8_qkv.splits, dim=-1)
 
     def post_attention(self, x, y, e, frame_index, context_kv):
-        """Everything after self-attention: gated residual, cross-attention, modulated FFN."""
+        """Everything after self-attention: gated residual, cross-attention, modulated FFN. In FP8 each
+        residual sum, the norm after it and the quantization of its output are one pass (norm_fp8_rows)."""
+        if self.fp8_qkv is not None:
+            return self.fp8_post_attention(x, y, e, frame_index, context_kv)
         x = x + y * self.gate(e, frame_index, 2)
         x = x + self.cross_attn(self.norm3(x), context_kv)
         ffn = self.feed_forward(self.modulated(self.norm2, x, e, frame_index, 3))
         return x + ffn * self.gate(e, frame_index, 5)
+
+    def fp8_post_attention(self, x, y, e, frame_index, context_kv):
+        rows, shape = (lambda t: t.flatten(0, 1)), x.shape[:2]                  # [B, n, dim] -> [B * n, dim]
+        group = self.frame_rows(x, frame_index, e.shape[1])
+        gate = self.modulation[0, 2] + e[:, :, 2]                                   # [B, F, dim]
+        x, values, scales = norm_fp8_rows(rows(x), self.norm3.weight[None], self.norm3.bias[None], group,
+                                          self.norm3.eps, rows(y), rows(gate))
+        q = self.cross_attn.q.quantized(values, scales, y.dtype).unflatten(0, shape)
+        text = self.cross_attn.attend(q, context_kv)
+        weight, bias = self.scale_shift(e, 3)
+        x, values, scales = norm_fp8_rows(x, rows(weight), rows(bias), group, self.norm2.eps, rows(text))
+        ffn = self.fp8_feed_forward(values, scales, y.dtype).unflatten(0, shape)
+        return x.unflatten(0, shape) + ffn * self.gate(e, frame_index, 5)
 
     def forward(self, x, e, layout, cache, context_kv):
         pre_attention, post_attention = self.around_attention
@@ -873,6 +913,118 @@ def gelu_fp8_op():
     return namespace.gelu_fp8_rows
 
 
+def norm_fp8_rows(x, weight, bias, group, eps, residual=None, gate=None):
+    """x [M, K] (plus residual [M, K] times gate[group]: the new x), its rows layer-normed, times
+    weight[group], plus bias[group], in x's dtype, quantized per row (fp8_rows) -> (new x or None, values,
+    scales). weight, bias, gate [G, K]; G = 1: one row for every token; group [M] int. On a GPU one Triton
+    pass (norm_fp8_op) reads each row once, where inductor's code for rows over 1024 wide reads them two or
+    three times."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] <= 1 << 16:
+        new_x, values, scales = norm_fp8_op()(x, residual, gate, weight, bias, group, eps)
+        return (new_x if residual is not None else None), values, scales
+    rows = lambda t: t[group] if t.shape[0] > 1 else t
+    wide = torch.promote_types(x.dtype, torch.float32)                      # as LayerNorm; sums rounded once
+    if residual is not None:
+        x = (x.to(wide) + residual.to(wide) * (1 if gate is None else rows(gate).to(wide))).to(x.dtype)
+    xf = x.to(wide)
+    h = F.layer_norm(xf, x.shape[-1:], eps=eps) * rows(weight).to(xf.dtype) + rows(bias).to(xf.dtype)
+    return (x if residual is not None else None), *fp8_rows(h.to(x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def norm_fp8_op():
+    """norm_fp8_rows's GPU kernel as a custom op: a row per program, held in registers as a power-of-two head
+    and a masked tail, as gelu_fp8_op's."""
+    namespace = torch.ops.self_forcing_sp
+    if hasattr(namespace, "norm_fp8_rows"):
+        return namespace.norm_fp8_rows
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x, residual, gate, weight, bias, group, new_x, values, scales, K, eps, gate_stride,
+               affine_stride, HEAD: tl.constexpr, TAIL: tl.constexpr, HAS_TAIL: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, FP8_MAX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * K
+        g = tl.load(group + tl.program_id(0)).to(tl.int64)
+        head, tail = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+        in_tail = tail < K
+        a = tl.load(x + row + head).to(tl.float32)
+        if HAS_RESIDUAL:
+            ra = tl.load(residual + row + head).to(tl.float32)
+            if HAS_GATE:
+                ra = ra * tl.load(gate + g * gate_stride + head).to(tl.float32)
+            a = (a + ra).to(x.dtype.element_ty)
+            tl.store(new_x + row + head, a)
+            a = a.to(tl.float32)
+        total = tl.sum(a)
+        if HAS_TAIL:
+            b = tl.load(x + row + tail, mask=in_tail, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                rb = tl.load(residual + row + tail, mask=in_tail, other=0.0).to(tl.float32)
+                if HAS_GATE:
+                    rb = rb * tl.load(gate + g * gate_stride + tail, mask=in_tail, other=0.0).to(tl.float32)
+                b = (b + rb).to(x.dtype.element_ty)
+                tl.store(new_x + row + tail, b, mask=in_tail)
+                b = b.to(tl.float32)
+            total += tl.sum(b)
+        mean = total / K
+        da = a - mean
+        square = tl.sum(da * da)
+        if HAS_TAIL:
+            db = tl.where(in_tail, b - mean, 0.0)
+            square += tl.sum(db * db)
+        rstd = 1.0 / tl.sqrt(square / K + eps)
+        wa = tl.load(weight + g * affine_stride + head).to(tl.float32)
+        ba = tl.load(bias + g * affine_stride + head).to(tl.float32)
+        ha = (da * rstd * wa + ba).to(x.dtype.element_ty).to(tl.float32)
+        amax = tl.max(tl.abs(ha))
+        if HAS_TAIL:
+            wb = tl.load(weight + g * affine_stride + tail, mask=in_tail, other=0.0).to(tl.float32)
+            bb = tl.load(bias + g * affine_stride + tail, mask=in_tail, other=0.0).to(tl.float32)
+            hb = (db * rstd * wb + bb).to(x.dtype.element_ty).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(hb)))
+        amax = tl.maximum(amax, 1e-12)
+        tl.store(scales + tl.program_id(0), amax / FP8_MAX)                    # as fp8_rows' scale
+        inverse = FP8_MAX / amax
+        tl.store(values + row + head, (ha * inverse).to(tl.float8e4nv))
+        if HAS_TAIL:
+            tl.store(values + row + tail, (hb * inverse).to(tl.float8e4nv), mask=in_tail)
+
+    @torch.library.custom_op("self_forcing_sp::norm_fp8_rows", mutates_args=())
+    def op(x: torch.Tensor, residual: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+           weight: torch.Tensor, bias: torch.Tensor, group: torch.Tensor,
+           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, weight, bias, group = x.contiguous(), weight.contiguous(), bias.contiguous(), group.contiguous()
+        residual = None if residual is None else residual.contiguous()
+        gate = None if gate is None else gate.contiguous()
+        (M, K), head = x.shape, 1 << (x.shape[1].bit_length() - 1)
+        assert bias.shape == weight.shape and weight.shape[1] == K and group.shape == (M,), "shapes"
+        assert residual is None or residual.shape == x.shape, "residual's shape"
+        assert gate is None or (residual is not None and gate.shape[1] == K), "gate's shape"
+        new_x, values, scales = norm_fp8_outputs(x, residual)
+        if M:
+            kernel[(M,)](x, x if residual is None else residual, x if gate is None else gate, weight, bias,
+                         group, new_x if residual is not None else x, values, scales, K, eps,
+                         0 if gate is None or gate.shape[0] == 1 else K, 0 if weight.shape[0] == 1 else K,
+                         HEAD=head, TAIL=triton.next_power_of_2(max(K - head, 1)), HAS_TAIL=K > head,
+                         HAS_RESIDUAL=residual is not None, HAS_GATE=gate is not None,
+                         FP8_MAX=torch.finfo(FP8).max, num_warps=4)
+        return new_x, values, scales
+
+    @op.register_fake
+    def _(x, residual, gate, weight, bias, group, eps):
+        return norm_fp8_outputs(x, residual)
+
+    return namespace.norm_fp8_rows
+
+
+def norm_fp8_outputs(x, residual):
+    """norm_fp8_op's outputs, empty and contiguous: new x (none without a residual), values, scales."""
+    new_x = x.new_empty(x.shape if residual is not None else (0,))
+    return new_x, x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
 def use_fp8(model, compile=False):
     """The blocks' linear layers on the token stream in FP8 (not the text K/V, embeddings or head); compile
     (GPU): each input is quantized once, in the compiled code that makes it."""
@@ -883,8 +1035,8 @@ def use_fp8(model, compile=False):
         attention.o = Fp8Linear(attention.o, compile=compile)                # called by stage 05's eager code
         cross.q, cross.o = Fp8Linear(cross.q), Fp8Linear(cross.o)            # these four: in post_attention
         ffn[0], ffn[2] = Fp8Linear(ffn[0]), Fp8Linear(ffn[2])
-    if compile:
-        gelu_fp8_op()     # registered before torch.compile meets it: registering it there splits the graph
+    if compile:           # registered before torch.compile meets them: registering one there splits the graph
+        gelu_fp8_op(), norm_fp8_op()
     return model
 
 

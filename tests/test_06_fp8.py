@@ -97,6 +97,51 @@ def test_gelu_fp8_rows_in_one_pass_is_gelu_then_fp8_rows(dtype):
         assert torch.equal(in_compile[1], scale)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass kernel runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_fp8_rows_in_one_pass_is_its_definition(dtype):
+    """The Triton pass, alone and inside torch.compile, against its definition in float64 (the residual sum
+    and the norm's output each rounded to dtype once, then fp8_rows): the new x within a rounding, scales
+    within a rounding, values at most one e4m3 step and a rounding apart; one-row and per-frame weights, a
+    gate or none, a power-of-two width, odd widths and one row."""
+    torch._dynamo.reset()                                   # each case and dtype is one more compilation
+    gen = torch.Generator("cuda").manual_seed(0)
+    compiled = torch.compile(sf.norm_fp8_rows, fullgraph=True, dynamic=False)
+    randn = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)
+    # (rows, width, groups, residual, gated, one row of weights): the block's mixes, one-row weights with
+    # a per-frame gate among them
+    for rows, width, groups, residual, gated, shared in [
+            (1, 64, 1, False, False, False), (37, 1000, 3, True, True, False),
+            (300, 1536, 1, True, True, False), (4680, 1536, 3, True, False, False),
+            (96, 1536, 6, True, True, True)]:
+        spread = torch.logspace(-2, 2, rows, device="cuda")[:, None]                     # rows 1e-2..1e2
+        x = (randn(rows, width) * spread + 1).to(dtype)
+        r = (randn(rows, width) * spread).to(dtype) if residual else None
+        g = randn(groups, width).to(dtype) if gated else None
+        affine_rows = 1 if shared else groups
+        w, b = (1 + 0.3 * randn(affine_rows, width)).to(dtype), (0.3 * randn(affine_rows, width)).to(dtype)
+        group = torch.randint(0, groups, (rows,), device="cuda", generator=gen)
+        new_x, values, scale = sf.norm_fp8_rows(x, w, b, group, 1e-6, r, g)
+        want_x = x if r is None else (x.double() + r.double() * (1 if g is None else g.double()[group])).to(dtype)
+        affine = group if not shared else torch.zeros_like(group)
+        h = F.layer_norm(want_x.double(), (width,), eps=1e-6) * w.double()[affine] + b.double()[affine]
+        want_values, want_scale = sf.fp8_rows(h.to(dtype))
+        if r is None:
+            assert new_x is None
+        else:
+            torch.testing.assert_close(new_x, want_x, rtol=torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(scale, want_scale, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        got, want = values.float() * scale, want_values.float() * want_scale
+        step = want.abs() * 2 ** -3 + want_scale * 2 ** -9                      # e4m3: 3 mantissa bits
+        ulp = (want.abs() + torch.finfo(dtype).smallest_normal) * torch.finfo(dtype).eps * 2   # two roundings
+        assert ((got - want).abs() <= (step + ulp) * 1.01).all()
+        assert (values.view(torch.uint8) != want_values.view(torch.uint8)).float().mean() < 2e-2
+        in_compile = compiled(x, w, b, group, 1e-6, r, g)
+        assert torch.equal(in_compile[1].view(torch.uint8), values.view(torch.uint8))
+        assert torch.equal(in_compile[2], scale)
+        assert (in_compile[0] is None) if r is None else torch.equal(in_compile[0], new_x)
+
+
 def graph_breaks_around_attention(device):
     """torch.compile's graph breaks in a fresh FP8 block's pre_attention and post_attention (bf16)."""
     block = sf.build_model("tiny", torch.bfloat16, device, 0, fp8=True).blocks[0]
