@@ -71,6 +71,30 @@ def test_the_fp8_feed_forward_is_its_three_layers_in_order():
         torch.testing.assert_close(block.feed_forward(h), block.ffn(h), rtol=0, atol=0)
 
 
+def test_the_fp8_block_around_attention_is_the_blocks_formula():
+    """pre_attention and post_attention of the FP8 block (each residual sum, norm and quantization in one
+    norm_fp8_rows) against the block's formula written out with its own FP8 layers: batch 2, two frames
+    with their own modulation and gates."""
+    block = sf.build_model("tiny", torch.float32, "cpu", 0, fp8=True).blocks[0]
+    dim, heads = block.norm1.normalized_shape[0], block.cross_attn.num_heads
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        block.modulation.normal_(generator=gen)
+        block.norm3.weight.normal_(1, 0.3, generator=gen), block.norm3.bias.normal_(0, 0.3, generator=gen)
+    x, y = (torch.randn(2, 12, dim, generator=gen) for _ in range(2))
+    e, frame_index = torch.randn(2, 2, 6, dim, generator=gen), torch.arange(12) // 6
+    text_kv = [torch.randn(2, heads, 5, dim // heads, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        for got, want in zip(block.pre_attention(x, e, frame_index),
+                             block.fp8_qkv(block.modulated(block.norm1, x, e, frame_index, 0))):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        x1 = x + y * block.gate(e, frame_index, 2)
+        x2 = x1 + block.cross_attn(block.norm3(x1), text_kv)
+        want = x2 + block.feed_forward(block.modulated(block.norm2, x2, e, frame_index, 3)) * block.gate(
+            e, frame_index, 5)
+        torch.testing.assert_close(block.post_attention(x, y, e, frame_index, text_kv), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass kernel runs on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gelu_fp8_rows_in_one_pass_is_gelu_then_fp8_rows(dtype):
