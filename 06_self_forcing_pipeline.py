@@ -255,8 +255,12 @@ class Block(nn.Module):
         weight, bias = self.scale_shift(e, which)
         return norm(x) * weight[:, frame_index] + bias[:, frame_index]
 
+    def frame_gates(self, e, which):
+        """Each frame's gate [B, F, dim]: e[.., which] plus the block's own."""
+        return self.modulation[0, which] + e[:, :, which]
+
     def gate(self, e, frame_index, which):
-        return (self.modulation[0, which] + e[:, :, which])[:, frame_index]
+        return self.frame_gates(e, which)[:, frame_index]
 
     def feed_forward(self, h):
         """ffn(h); on GPU the first Linear with cuBLASLt's bias + GELU(tanh) epilogue (one kernel); on CPU
@@ -304,7 +308,7 @@ class Block(nn.Module):
     def fp8_post_attention(self, x, y, e, frame_index, context_kv):
         rows, shape = (lambda t: t.flatten(0, 1)), x.shape[:2]                  # [B, n, dim] -> [B * n, dim]
         group = self.frame_rows(x, frame_index, e.shape[1])
-        gate = self.modulation[0, 2] + e[:, :, 2]                                   # [B, F, dim]
+        gate = self.frame_gates(e, 2)                                               # [B, F, dim]
         x, values, scales = norm_fp8_rows(rows(x), self.norm3.weight[None], self.norm3.bias[None], group,
                                           self.norm3.eps, rows(y), rows(gate))
         q = self.cross_attn.q.quantized(values, scales, y.dtype).unflatten(0, shape)

@@ -71,19 +71,28 @@ def test_the_fp8_feed_forward_is_its_three_layers_in_order():
         torch.testing.assert_close(block.feed_forward(h), block.ffn(h), rtol=0, atol=0)
 
 
+def block_inputs(block, batch, tokens, text, gen):
+    """A block's inputs around attention, two frames of tokens / 2: x, y [batch, tokens, dim], e [batch, 2,
+    6, dim], frame_index [tokens], the text's K/V [batch, heads, text, head_dim] each."""
+    dim, heads = block.norm1.normalized_shape[0], block.cross_attn.num_heads
+    like = dict(device=block.modulation.device, dtype=block.modulation.dtype, generator=gen)
+    x, y = (torch.randn(batch, tokens, dim, **like) for _ in range(2))
+    e = torch.randn(batch, 2, 6, dim, **like)
+    frame_index = torch.arange(tokens, device=like["device"]) // (tokens // 2)
+    text_kv = [torch.randn(batch, heads, text, dim // heads, **like) for _ in range(2)]
+    return x, y, e, frame_index, text_kv
+
+
 def test_the_fp8_block_around_attention_is_the_blocks_formula():
     """pre_attention and post_attention of the FP8 block (each residual sum, norm and quantization in one
     norm_fp8_rows) against the block's formula written out with its own FP8 layers: batch 2, two frames
     with their own modulation and gates."""
     block = sf.build_model("tiny", torch.float32, "cpu", 0, fp8=True).blocks[0]
-    dim, heads = block.norm1.normalized_shape[0], block.cross_attn.num_heads
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         block.modulation.normal_(generator=gen)
         block.norm3.weight.normal_(1, 0.3, generator=gen), block.norm3.bias.normal_(0, 0.3, generator=gen)
-    x, y = (torch.randn(2, 12, dim, generator=gen) for _ in range(2))
-    e, frame_index = torch.randn(2, 2, 6, dim, generator=gen), torch.arange(12) // 6
-    text_kv = [torch.randn(2, heads, 5, dim // heads, generator=gen) for _ in range(2)]
+    x, y, e, frame_index, text_kv = block_inputs(block, 2, 12, 5, gen)
     with torch.no_grad():
         for got, want in zip(block.pre_attention(x, e, frame_index),
                              block.fp8_qkv(block.modulated(block.norm1, x, e, frame_index, 0))):
@@ -169,13 +178,7 @@ def test_norm_fp8_rows_in_one_pass_is_its_definition(dtype):
 def graph_breaks_around_attention(device):
     """torch.compile's graph breaks in a fresh FP8 block's pre_attention and post_attention (bf16)."""
     block = sf.build_model("tiny", torch.bfloat16, device, 0, fp8=True).blocks[0]
-    dim, heads = block.norm1.normalized_shape[0], block.cross_attn.num_heads
-    gen = torch.Generator(device).manual_seed(4)
-    x, y = (torch.randn(1, 96, dim, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-    e = torch.randn(1, 2, 6, dim, device=device, generator=gen, dtype=torch.bfloat16)
-    frame_index = torch.arange(96, device=device) // 48
-    text_kv = [torch.randn(1, heads, 16, dim // heads, device=device, generator=gen, dtype=torch.bfloat16)
-               for _ in range(2)]
+    x, y, e, frame_index, text_kv = block_inputs(block, 1, 96, 16, torch.Generator(device).manual_seed(4))
     with torch.no_grad():
         return [torch._dynamo.explain(sf.Block.pre_attention)(block, x, e, frame_index).graph_break_count,
                 torch._dynamo.explain(sf.Block.post_attention)(block, x, y, e, frame_index, text_kv).graph_break_count]
