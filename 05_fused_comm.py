@@ -5,8 +5,8 @@ The idea
     then three all-to-alls (q, k, v) in and one out. At Wan-1.3B shapes each all-to-all is a few MB:
     latency-bound, so the count matters more than the bytes. This stage builds the layer the fast way:
     * pack_qkv: one pass normalises q and k, rotates them with this rank's RoPE table slice (stage 04) and
-      writes q, k, v into ONE send buffer laid out per destination rank; torch.compile'd on GPU into one or
-      two kernels, the same plain function is the CPU path and the reference.
+      writes q, k, v into ONE send buffer laid out per destination rank. The plain function is the CPU path
+      and the reference; on a GPU pack_qkv_rows does it in one Triton pass, each token's rows read once.
     * one all-to-all for Q/K/V (stage 03's exchange_rows), landing token-major: keys/values are one copy
       from the KV cache, queries need no copy.
     * "overlap": V needs neither norm nor RoPE, so its all-to-all starts before Q/K are packed and runs
@@ -107,6 +107,86 @@ def pack_qkv(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_deg
             .contiguous())                          # member u's rows are send[u], token-major
 
 
+def pack_qkv_rows(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, ulysses_degree, eps, kv_out=None):
+    """pack_qkv on a GPU as one Triton pass (pack_kernel): each token's q, k and v rows are read once and
+    written where pack_qkv writes them, with its roundings. Elsewhere pack_qkv through torch.compile."""
+    B, n, dim = q.shape
+    D, U = dim // heads, ulysses_degree
+    if not one_pass_takes(q, k, v, (norm_q_weight, norm_k_weight), cos, sin, heads, U, kv_out):
+        return compiled(pack_qkv)(q, k, v, norm_q_weight, norm_k_weight, cos, sin, heads, U, eps, kv_out)
+    send = q.new_empty(U, n, 1 if kv_out is not None else 2 + (v is not None), B, heads // U, D)
+    members = lambda t: t.unflatten(2, (U, -1)).movedim(2, 0)             # [n, B, H, D] -> [U, n, B, Hu, D]
+    q_to = send[:, :, 0]                                                   # each [U, n, B, Hu, D], D dense
+    if kv_out is not None:
+        k_to, v_to = members(kv_out[:, 0]), members(kv_out[:, 1])
+    else:
+        k_to, v_to = send[:, :, 1], send[:, :, 2 if v is not None else 1]   # no V: v_to is never written
+    v_from = v if v is not None else k                                      # no V: never read
+    if n and B:
+        pack_kernel()[(n, B)](
+            q, k, v_from, norm_q_weight.contiguous(), norm_k_weight.contiguous(), cos.contiguous(),
+            sin.contiguous(), q_to, k_to, v_to, *q_to.stride()[:3], *k_to.stride()[:3],  # K, V: one layout
+            *q.stride()[:2], *k.stride()[:2], *v_from.stride()[:2], eps, DIM=dim, HALF_D=D // 2,
+            HU=heads // U, PAIRS=1 << (dim // 2 - 1).bit_length(), HAS_V=v is not None)
+    return send
+
+
+def one_pass_takes(q, k, v, weights, cos, sin, heads, ulysses_degree, kv_out):
+    """Whether pack_kernel takes these: CUDA tensors of one float dtype, rows dense, cos/sin float32 [n, D/2],
+    K/V into a slot only beside V, and no gradient asked for (the kernel makes none)."""
+    n, dim = q.shape[1:]
+    D = dim // heads
+    tensors = [t for t in (q, k, v, *weights, kv_out) if t is not None]
+    return (q.is_cuda and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and D % 2 == 0
+            and heads % ulysses_degree == 0 and (kv_out is None or v is not None)
+            and all(t.dtype == q.dtype and t.stride(-1) == 1 for t in tensors)
+            and (kv_out is None or kv_out.stride(-2) == D)
+            and cos.shape == sin.shape == (n, D // 2) and cos.dtype == sin.dtype == torch.float32
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+@functools.lru_cache(maxsize=None)
+def pack_kernel():
+    """pack_qkv_rows' Triton kernel: program (t, b) takes token t of batch row b, its dim / 2 pairs (2i, 2i+1)
+    as one [pairs, 2] block (a power of two, masked past dim / 2)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def normed_rotated(x, weight, pairs, live, cos, sin, eps, DIM: tl.constexpr):
+        """rms_norm then apply_rope of one row's [pairs, 2] block, each rounded to x's dtype as they round."""
+        dtype = x.dtype.element_ty
+        a = tl.load(x + pairs, mask=live[:, None], other=0.0).to(tl.float32)
+        a = (a * tl.rsqrt(tl.sum(a * a) / DIM + eps)).to(dtype)
+        a = (a.to(tl.float32) * tl.load(weight + pairs, mask=live[:, None], other=0.0).to(tl.float32))
+        a = a.to(dtype).to(tl.float32)
+        real, imag = tl.split(a)
+        return tl.join(real * cos - imag * sin, real * sin + imag * cos).to(dtype)
+
+    @triton.jit
+    def kernel(q, k, v, q_weight, k_weight, cos, sin, q_to, k_to, v_to, q_to_u, q_to_t, q_to_b, kv_to_u,
+               kv_to_t, kv_to_b, q_b, q_t, k_b, k_t, v_b, v_t, eps, DIM: tl.constexpr, HALF_D: tl.constexpr,
+               HU: tl.constexpr, PAIRS: tl.constexpr, HAS_V: tl.constexpr):
+        t, b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        i = tl.arange(0, PAIRS)                                   # pair i: head i // HALF_D, j = i % HALF_D
+        live, j, head = i < DIM // 2, i % HALF_D, i // HALF_D
+        pairs = 2 * i[:, None] + tl.arange(0, 2)[None, :]         # [PAIRS, 2]: columns 2i and 2i + 1
+        member = (head // HU).to(tl.int64)[:, None]               # where the pair goes: [member, t, b, ...]
+        within = (head % HU * 2 * HALF_D + 2 * j)[:, None] + tl.arange(0, 2)[None, :]     # at [.., hu, d]
+        c = tl.load(cos + t * HALF_D + j, mask=live, other=0.0)
+        s = tl.load(sin + t * HALF_D + j, mask=live, other=0.0)
+        out = normed_rotated(q + b * q_b + t * q_t, q_weight, pairs, live, c, s, eps, DIM)
+        tl.store(q_to + member * q_to_u + t * q_to_t + b * q_to_b + within, out, mask=live[:, None])
+        out = normed_rotated(k + b * k_b + t * k_t, k_weight, pairs, live, c, s, eps, DIM)
+        kv_at = member * kv_to_u + t * kv_to_t + b * kv_to_b + within
+        tl.store(k_to + kv_at, out, mask=live[:, None])
+        if HAS_V:
+            value = tl.load(v + b * v_b + t * v_t + pairs, mask=live[:, None])
+            tl.store(v_to + kv_at, value, mask=live[:, None])
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(fn, dynamic=False):
     """fn through torch.compile, made once and shared (dynamic: one compilation for every shape)."""
@@ -117,14 +197,14 @@ class CausalSelfAttention(nn.Module):
     """Wan2.1's causal self-attention, sequence-parallel: x [B, n_local, dim] -> [B, n_local, dim]."""
 
     def __init__(self, dim, num_heads, eps=1e-6, mode="fused", compile=False):
-        """mode: "fused", "overlap" or "unfused"; compile (for a GPU): pack_qkv through torch.compile."""
+        """mode: "fused", "overlap" or "unfused"; compile (for a GPU): pack_qkv_rows' one pass."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} does not split into {num_heads} heads")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
-        self.mode, self.pack_qkv = mode, compiled(pack_qkv) if compile else pack_qkv
+        self.mode, self.pack_qkv = mode, pack_qkv_rows if compile else pack_qkv
         self.attend = causal.fast_attention                 # the attention kernel (stage 06 may swap it)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)

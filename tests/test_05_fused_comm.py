@@ -68,13 +68,18 @@ def test_pack_qkv_layout_is_one_block_per_destination():
                                .transpose(0, 1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="compiled as on a GPU, where the 1-GPU model runs it"))])
-def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="as on a GPU, where the 1-GPU model runs it")
+
+
+@pytest.mark.parametrize("pack", ["eager", pytest.param("compiled", marks=ON_GPU),
+                                  pytest.param("one Triton pass", marks=ON_GPU)])
+def test_pack_qkv_into_a_cache_slot_is_the_same_packing(pack):
     """With kv_out (one member), K/V land in the slot, exactly the one-buffer packing's, and nothing else is
     written; the buffer holds Q alone."""
+    compiled = pack != "eager"
     device, dtype = ("cuda", torch.float32) if compiled else ("cpu", torch.float64)
-    pack = torch.compile(fused.pack_qkv) if compiled else fused.pack_qkv
+    pack = {"eager": fused.pack_qkv, "compiled": torch.compile(fused.pack_qkv),
+            "one Triton pass": fused.pack_qkv_rows}[pack]
     B, n, heads, D, held = 3, 5, 4, 6, 3                                  # B != 2: [n, B, 2] != [n, 2, B]
     q, k, v = (torch.randn(B, n, heads * D, dtype=dtype, device=device) for _ in range(3))
     angle = torch.rand(n, D // 2, dtype=dtype, device=device) * 6
@@ -89,6 +94,44 @@ def test_pack_qkv_into_a_cache_slot_is_the_same_packing(compiled):
         torch.testing.assert_close(send[0, :, 0], whole[0, :, 0], rtol=tol, atol=tol)
         torch.testing.assert_close(cache[offset:offset + n], whole[0, :, 1:], rtol=tol, atol=tol)
         assert cache[:offset].isnan().all() and cache[offset + n:].isnan().all()
+
+
+@ON_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pack_qkv_rows_in_one_pass_is_pack_qkv(dtype):
+    """The Triton pass against pack_qkv run eagerly in the same dtype, with the same roundings: a few values
+    apart, by a few of the dtype's last places of their pair's size (RoPE rotates pairs); V and the layout
+    exact. Ulysses groups of 1-8 members, V sent apart (v None), q/k/v as views of one [B, n, 3 dim]
+    projection (the FP8 layer's) or not, K/V into a slot inside a cache, odd head sizes."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)
+    places = 8 if dtype == torch.float32 else 4         # float32: the sum's order, FMA, rsqrt's approximation
+    for B, n, heads, D, U, with_v, rows in [
+            (1, 4680, 12, 128, 1, True, "views"), (2, 37, 12, 128, 2, True, "apart"),
+            (2, 5, 6, 8, 3, False, "q apart"), (3, 4, 4, 12, 4, True, "views"), (1, 7, 12, 16, 1, True, "k apart"),
+            (2, 3, 8, 16, 8, True, "q apart")]:
+        dim = heads * D
+        qkv = (randn(B, n, 3 * dim) * torch.tensor([3.0, 0.2, 1.0], device="cuda").repeat_interleave(dim)).to(dtype)
+        q, k, v = qkv.split(dim, -1)                                        # rows 3 dim apart
+        q, k, v = {"views": (q, k, v), "apart": (q.contiguous(), k.contiguous(), v.contiguous()),
+                   "q apart": (q.contiguous(), k, v), "k apart": (q, k.contiguous(), v)}[rows]
+        v = v if with_v else None
+        weights = [(1 + 0.3 * randn(dim)).to(dtype) for _ in range(2)]
+        angle = torch.rand(n, D // 2, device="cuda", generator=gen) * 6
+        args = (*weights, angle.cos(), angle.sin(), heads, U, 1e-6)
+        got, want = fused.pack_qkv_rows(q, k, v, *args), fused.pack_qkv(q, k, v, *args)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        pair = want.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*want.shape[:-1], -1, 2)
+        assert ((got.float() - want.float()).abs() <= places * torch.finfo(dtype).eps * pair.flatten(-2)).all()
+        if dtype != torch.float32:                    # a rounding flipped by the sum's order, here and there
+            assert (got != want).float().mean() < 1e-2
+        if with_v:
+            assert torch.equal(got[:, :, 2], want[:, :, 2])
+            cache = torch.full((n + 3, 2, B, heads, D), float("nan"), dtype=dtype, device="cuda")
+            send = fused.pack_qkv_rows(q, k, v, *args, kv_out=cache[1:n + 1])   # K/V into a slot, Q alone
+            assert torch.equal(send, got[:, :, :1])
+            assert torch.equal(cache[1:n + 1], got[:, :, 1:].permute(1, 2, 3, 0, 4, 5).flatten(3, 4))
+            assert cache[:1].isnan().all() and cache[n + 1:].isnan().all()
 
 
 def wrong_input_on_one_rank():
